@@ -1,0 +1,107 @@
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils import toy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _problems(n=300, seed=0):
+    rng = random.Random(seed)
+    return [toy.make_problem(rng, rng.randint(1, 4)) for _ in range(n)]
+
+
+def test_parse_problem_roundtrip():
+    for p in _problems():
+        q = toy.parse_problem(p["problem"])
+        assert q["start"] == p["start"] and [tuple(o) for o in q["ops"]] == [tuple(o) for o in p["ops"]]
+        assert toy.solve_value(q) == int(p["answer"])
+
+
+def test_correct_solutions_pass_checker():
+    for p in _problems():
+        for code in (False, True):
+            steps = toy.solve(p, code=code)
+            c = toy.check_steps(p["problem"], steps, p["answer"], code=code)
+            assert c.first_error == -1 and all(c.step_correct) and c.answer_correct, steps
+
+
+def test_each_error_mode_is_caught_at_its_step():
+    p = {"problem": "Ana has 6 pens. Ana buys 4 more. Ana is 9 years old. Ana then has twice as many. "
+                    "How many pens does Ana have now?", "answer": "20"}
+    cases = {  # hand-written solutions with one error each -> index of the first wrong step
+        "misread": (["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 + 2 = 12.", "The answer is \\boxed{12}."], 1),
+        "distractor": (["Ana buys 9 more, so 6 + 9 = 15.", "Twice as many is 15 * 2 = 30.", "The answer is \\boxed{30}."], 0),
+        "skip": (["Twice as many is 6 * 2 = 12.", "The answer is \\boxed{12}."], 0),
+        "slip": (["Ana buys 4 more, so 6 + 4 = 11.", "Twice as many is 11 * 2 = 22.", "The answer is \\boxed{22}."], 0),
+        "early answer": (["Ana buys 4 more, so 6 + 4 = 10.", "The answer is \\boxed{10}."], 1),
+        "wrong box": (["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 * 2 = 20.", "The answer is \\boxed{21}."], 2),
+        "malformed": (["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 times 2 = 20.", "The answer is \\boxed{20}."], 1),
+        "two equations": (["6 + 4 = 10 and 10 * 2 = 20.", "The answer is \\boxed{20}."], 0),
+    }
+    for name, (steps, first) in cases.items():
+        c = toy.check_steps(p["problem"], steps, p["answer"])
+        assert c.first_error == first, name
+    # later steps that carry a wrong value forward correctly are locally valid (PRM800K convention)
+    c = toy.check_steps(p["problem"], cases["slip"][0], p["answer"])
+    assert c.step_correct == [False, True, True] and not c.answer_correct
+    code = ["# Ana has 6 pens.\npens = 6", "# Ana buys 4 more.\npens = pens + 9", "# Ana then has twice as many.\npens = pens * 2",
+            "The answer is \\boxed{30}."]
+    assert toy.check_steps(p["problem"], code, p["answer"], code=True).first_error == 1
+    assert toy.check_steps(p["problem"], ["import os\nos.system('x')"], p["answer"], code=True).first_error == 0
+
+
+def test_error_modes_in_sft_data_are_caught():
+    rng, seen = random.Random(1), {"misread": 0, "any": 0}
+    for p in _problems(2000, seed=3):
+        steps = toy.solve(p, rng, toy.ERRORS)
+        c = toy.check_steps(p["problem"], steps, p["answer"])
+        wrong_answer = steps[-1] != f"The answer is \\boxed{{{p['answer']}}}."
+        assert c.answer_correct == (not wrong_answer)
+        if wrong_answer:  # every wrong final answer has a located first error
+            assert c.first_error >= 0
+        seen["any"] += c.first_error >= 0
+        seen["misread"] += any(("Twice" in s and "+ 2" in s) for s in steps)
+    assert 0.2 < seen["any"] / 2000 < 0.6 and seen["misread"] > 20
+
+
+def test_no_correctness_marker_in_text():
+    """Wrong steps use exactly the templates of right steps: same characters outside the digits."""
+    rng = random.Random(5)
+    shape = lambda s: "".join("9" if ch.isdigit() else ch for ch in s).replace("99", "9").replace("99", "9")
+    good, bad = set(), set()
+    for p in _problems(1500, seed=4):
+        steps = toy.solve(p, rng, toy.ERRORS)
+        c = toy.check_steps(p["problem"], steps, p["answer"])
+        for s, ok in zip(steps, c.step_correct):
+            (good if ok else bad).add(shape(s).replace("+", "o").replace("-", "o").replace("*", "o").replace("/", "o"))
+    assert bad <= good
+
+
+def test_splits_disjoint_and_deterministic():
+    cfg = toy.ToyConfig(n_train=2000, n_test=100)
+    tr, te = toy.make_splits(cfg)
+    tr2, te2 = toy.make_splits(cfg)
+    assert [p["problem"] for p in te] == [p["problem"] for p in te2]
+    assert not {p["problem"] for p in tr} & {p["problem"] for p in te}
+
+
+def test_build_toy_end_to_end(tmp_path):
+    """`python -m utils.toy` with tiny settings writes the layout and the calibration keys."""
+    out = tmp_path / "toy"
+    cmd = [sys.executable, "-m", "utils.toy", "--out_dir", str(out), "--backend", "hf", "--n_train", "300",
+           "--n_test", "20", "--sft_steps", "3", "--calib_problems", "4", "--calib_n", "2", "--hidden", "64"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calib = json.loads((out / "calibration.json").read_text())
+    for k in ("greedy_acc", "sample_acc_t1", "pass@2", "maj@2"):
+        assert 0.0 <= calib[k] <= 1.0
+    assert (out / "policy" / "tokenizer.json").exists() and (out / "policy" / "config.json").exists()
+    rows = [json.loads(l) for l in (out / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and {"problem", "answer", "steps"} <= set(rows[0])
+    assert "| greedy_acc |" in r.stdout

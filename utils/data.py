@@ -1,0 +1,153 @@
+"""Data plumbing: JSONL I/O, prompts, steps, and converters into the step-label format.
+
+The internal step-label format is TRL's stepwise one: {"prompt": str, "completions": [str], "labels": [bool|float]}
+(one completion per step; soft labels stay floats).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+STEP_SEP = "\n\n"
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+PLAIN_TEMPLATE = "Question: {problem}\nAnswer:\n"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class DataError(ValueError):
+    """A malformed input row; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
+    """Every row of a JSONL file. A row that is not a JSON object, or lacks a required field, raises
+    DataError naming the file and line: nothing is dropped silently. Blank lines are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path}:{i}: missing field(s) {missing}")
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows, append: bool = False) -> None:
+    """Write (or append) rows, one flushed JSON object per line; parent folders are created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def resolve_data(name: str) -> Path:
+    """A JSONL path, or the name of a file in ../shared/data ("math500" -> math500.jsonl)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (SHARED_DATA / name, SHARED_DATA / f"{name}.jsonl"):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"no data file {name!r} (looked for the path and in {SHARED_DATA})")
+
+
+def load_problems(name: str, limit: int | None = None) -> list[dict]:
+    """Rows with `problem` and `answer`: a local JSONL (or shared/data name); else a hub dataset name
+    through the optional `datasets` package, with question/answer fields renamed."""
+    try:
+        rows = read_jsonl(resolve_data(name), required=("problem", "answer"))
+    except FileNotFoundError:
+        try:
+            import datasets  # optional, for users with hub access
+        except ImportError:
+            raise FileNotFoundError(f"{name!r} is not a local file, and `datasets` is not installed") from None
+        ds = datasets.load_dataset(name, split="test")
+        rows = [{"problem": r.get("problem", r.get("question")), "answer": str(r.get("answer"))} | r for r in ds]
+    return rows[:limit] if limit else rows
+
+
+# ----------------------------------------------------------------------------- prompts and steps
+def build_prompt(problem: str, tokenizer=None, chat: bool = False, system: str | None = SYSTEM_PROMPT) -> str:
+    """The prompt text: plain ("Question: ...\\nAnswer:\\n"), or the tokenizer's chat template with the
+    Qwen2.5-Math system prompt. Encode the result with add_special_tokens=False."""
+    if not chat:
+        return PLAIN_TEMPLATE.format(problem=problem)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def split_steps(text: str) -> list[str]:
+    """Steps of a solution: non-empty pieces between "\\n\\n" separators."""
+    return [s.strip() for s in text.split(STEP_SEP) if s.strip()]
+
+
+def join_steps(steps: list[str]) -> str:
+    return STEP_SEP.join(steps)
+
+
+# ----------------------------------------------------------------------------- step-label converters
+def first_error_truncate(row: dict) -> dict:
+    """Drop steps after the first negative label (PRM800K / ProcessBench convention)."""
+    labels = row["labels"]
+    k = next((i for i, y in enumerate(labels) if float(y) < 0.5), len(labels) - 1)
+    return {**row, "completions": row["completions"][: k + 1], "labels": labels[: k + 1]}
+
+
+def from_processbench(row: dict) -> dict:
+    """ProcessBench row (steps, label = earliest wrong step or -1) -> stepwise; steps after the first
+    error carry no label in ProcessBench, so they are dropped."""
+    steps, k = row["steps"], row["label"]
+    n = len(steps) if k == -1 else k + 1
+    return {"prompt": row["problem"], "completions": steps[:n], "labels": [i != k for i in range(n)]}
+
+
+def from_prm800k(row: dict, neutral: bool = True) -> dict:
+    """Raw PRM800K record -> stepwise. Per step, the chosen completion (or the human's); at a step
+    with neither (the labeller stopped there), the first -1 completion ends the solution. Rating
+    +1 -> True, -1 -> False, 0 (neutral) -> `neutral` (the PRM800K paper counts neutral as fine when
+    ranking). Stops after the first negative step."""
+    completions, labels = [], []
+    for step in row["label"]["steps"]:
+        cands = step["completions"] or []
+        if step.get("chosen_completion") is not None:
+            c = cands[step["chosen_completion"]]
+        elif step.get("human_completion"):
+            c = {**step["human_completion"], "rating": step["human_completion"].get("rating") or 1}
+        else:
+            c = next((c for c in cands if c.get("rating") == -1), None)
+            if c is None:
+                break
+        rating = c.get("rating")
+        completions.append(c["text"])
+        labels.append(neutral if rating == 0 else rating == 1)
+        if rating == -1:
+            break
+    problem = row.get("problem") or row["question"]["problem"]
+    return {"prompt": problem, "completions": completions, "labels": labels}
+
+
+def from_math_shepherd(row: dict, tag: str = "ки") -> dict:
+    """Math-Shepherd row ({input, label}: each step ends with the tag "ки" in `input`, which `label`
+    replaces by "+" or "-") -> stepwise. The prompt is the text before "Step 1:"."""
+    text, lab = row["input"], row["label"]
+    cuts = [m.start() for m in re.finditer(re.escape(tag), text)]
+    head, _, _ = text.partition("Step 1:") if "Step 1:" in text else ("", "", "")
+    completions, labels, prev = [], [], len(head)
+    for k, c in enumerate(cuts):
+        j = c - k * (len(tag) - 1)  # every earlier tag is one char in `label`
+        if j >= len(lab) or lab[j] not in "+-":
+            raise DataError(f"Math-Shepherd label string does not match its input at step {k + 1}")
+        completions.append(text[prev:c].strip())
+        labels.append(lab[j] == "+")
+        prev = c + len(tag)
+    return {"prompt": head.strip(), "completions": completions, "labels": labels}

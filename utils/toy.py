@@ -1,0 +1,450 @@
+"""The toy world: multi-step arithmetic word problems, an exact step checker, a char tokenizer and a
+tiny Qwen2 policy trained by SFT on CPU. Every stepwise script defaults to it (our CartPole).
+
+    python -m utils.toy [--out_dir DIR]      # build (or load from cache) and print the calibration table
+
+Problems read like a small math benchmark: "Ana has 12 coins. Ana buys 5 more. Ana's friend is 9
+years old. Ana then has twice as many. How many coins does Ana have now?" A solution is one step per
+operation, steps separated by "\\n\\n", each step one equation "a op b = c", and a last step
+"The answer is \\boxed{N}.". A code-augmented rendering of the same solution (a `# comment` plus one
+Python line per step) serves rstar_mcts.py.
+
+Error modes of the SFT data (rates in `ERRORS`; no marker of correctness anywhere in the text):
+  misread    a phrase read as the wrong operation: "twice as many" -> + 2, "three times" -> + 3,
+             "half of them" -> - 2, "a third of them" -> - 3 (systematic: the same mistake each time);
+  distractor an irrelevant number of the problem used as the operand of an add/sub step;
+  skip       one operation of the problem left out;
+  slip       an arithmetic result off by 1, 2 or 10 (natural language only: Python does not slip).
+Later steps carry a wrong value forward correctly, as real solutions do. The policy's mistakes come
+from what it learned: nothing corrupts its samples at evaluation time.
+
+The checker labels a step correct when it is a valid inference from the problem and the values the
+solution itself stated before it (PRM800K's convention); `first_error` is ProcessBench's label.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STEP_SEP = "\n\n"
+NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "June", "Kai", "Lena"]
+ITEMS = ["apples", "coins", "cards", "books", "stamps", "shells", "pens", "eggs", "marbles", "stickers"]
+# kind -> (problem sentence, step phrase, operator, fixed operand or None, misread as (op, operand))
+OPS = {
+    "add": ("{n} buys {b} more.", "{n} buys {b} more, so", "+", None, None),
+    "sub": ("{n} gives away {b}.", "{n} gives away {b}, so", "-", None, None),
+    "twice": ("{n} then has twice as many.", "Twice as many is", "*", 2, ("+", 2)),
+    "thrice": ("{n} then has three times as many.", "Three times as many is", "*", 3, ("+", 3)),
+    "half": ("{n} loses half of them.", "Losing half leaves", "/", 2, ("-", 2)),
+    "third": ("{n} keeps a third of them.", "Keeping a third leaves", "/", 3, ("-", 3)),
+}
+DISTRACTORS = ["{n}'s friend has {d} {item2}.", "{n} is {d} years old.", "{n}'s bag weighs {d} pounds."]
+ERRORS = {"misread": 0.3, "distractor": 0.2, "skip": 0.06, "slip": 0.04}  # per eligible step / solution
+MAX_VALUE = 200
+
+
+# ----------------------------------------------------------------------------- problems
+def _apply(a: int, op: str, b: int):
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else math.nan}[op]
+
+
+def make_problem(rng: random.Random, n_ops: int, max_num: int = 20, distractor_p: float = 0.5) -> dict:
+    """One problem: a start value and `n_ops` operations whose values stay integers in [0, 200]."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    x = rng.randint(2, max_num)
+    start, ops = x, []
+    for _ in range(n_ops):
+        kinds = ["add"] + (["sub"] if x >= 2 else []) + (["twice"] if 2 * x <= MAX_VALUE else [])
+        kinds += (["thrice"] if 3 * x <= MAX_VALUE else []) + (["half"] if x % 2 == 0 and x >= 2 else [])
+        kinds += ["third"] if x % 3 == 0 and x >= 3 else []
+        kind = rng.choice(kinds)
+        b = OPS[kind][3] or rng.randint(1, min(max_num, x - 1) if kind == "sub" else max_num)
+        x = int(_apply(x, OPS[kind][2], b))
+        ops.append((kind, b))
+    sentences = [OPS[k][0].format(n=name, b=b) for k, b in ops]
+    distractor = None
+    if rng.random() < distractor_p:
+        distractor = rng.randint(2, max_num)
+        d_text = rng.choice(DISTRACTORS).format(n=name, d=distractor, item2=rng.choice(ITEMS))
+        sentences.insert(rng.randint(0, len(sentences)), d_text)
+    text = " ".join([f"{name} has {start} {item}."] + sentences + [f"How many {item} does {name} have now?"])
+    return {"problem": text, "answer": str(x), "start": start, "ops": ops, "distractor": distractor, "item": item}
+
+
+_START = re.compile(r"^(\w+) has (\d+) (\w+)\.$")
+_PATTERNS = [(k, re.compile("^" + re.escape(OPS[k][0]).replace(r"\{n\}", r"\w+").replace(r"\{b\}", r"(\d+)") + "$"))
+             for k in OPS]
+
+
+def parse_problem(text: str) -> dict:
+    """Recover start value and operations from a toy problem's text (the checker needs no metadata)."""
+    sentences = re.findall(r"[^.?]+[.?]", text)
+    m = _START.match(sentences[0].strip()) if sentences else None
+    if not m:
+        raise ValueError(f"not a toy problem: {text[:80]!r}")
+    ops = []
+    for s in sentences[1:]:
+        for kind, pat in _PATTERNS:
+            mk = pat.match(s.strip())
+            if mk:
+                ops.append((kind, int(mk.group(1)) if mk.groups() else OPS[kind][3]))
+    return {"start": int(m.group(2)), "ops": ops, "item": m.group(3), "name": m.group(1)}
+
+
+# ----------------------------------------------------------------------------- solutions
+def _plan_errors(rng: random.Random, prob: dict, errors: dict) -> list[tuple]:
+    """Equations (kind, op, b) the solver *intends*, with error modes drawn at the given rates."""
+    plan = []
+    for kind, b in prob["ops"]:
+        op, fixed, misread = OPS[kind][2], OPS[kind][3], OPS[kind][4]
+        if misread and rng.random() < errors.get("misread", 0):
+            op, b = misread
+        elif fixed is None and prob.get("distractor") and rng.random() < errors.get("distractor", 0):
+            b = prob["distractor"]
+        plan.append([kind, op, b, rng.random() < errors.get("slip", 0)])
+    if len(plan) > 1 and rng.random() < errors.get("skip", 0):
+        plan.pop(rng.randrange(len(plan)))
+    return plan
+
+
+def solve(prob: dict, rng: random.Random | None = None, errors: dict | None = None, code: bool = False) -> list[str]:
+    """Render a solution's steps; with `rng` and `errors`, error modes are drawn (retrying until every
+    value stays a non-negative integer); without, the solution is correct."""
+    rng = rng or random.Random(0)
+    name = prob.get("name") or prob["problem"].split(" ", 1)[0]
+    for _ in range(20):
+        plan = _plan_errors(rng, prob, errors or {})
+        x, steps, ok = prob["start"], [], True
+        if code:
+            steps.append(f"# {name} has {x} {prob['item']}.\n{prob['item']} = {x}")
+        for kind, op, b, slip in plan:
+            c = _apply(x, op, b)
+            if c != int(c) or c < 0:
+                ok = False
+                break
+            c = int(c)
+            if code:
+                src = OPS[kind][0].format(n=name, b=b if OPS[kind][3] is None else "")
+                pyop = "//" if op == "/" else op
+                steps.append(f"# {src}\n{prob['item']} = {prob['item']} {pyop} {b}")
+            else:
+                if slip:
+                    c = max(0, c + rng.choice([-10, -2, -1, 1, 2, 10]))
+                steps.append(f"{OPS[kind][1].format(n=name, b=b)} {x} {op} {b} = {c}.")
+            x = c
+        if ok:
+            return steps + [f"The answer is \\boxed{{{x}}}."]
+    return solve(prob, code=code)
+
+
+# ----------------------------------------------------------------------------- exact checker
+_EQ = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/]) (-?\d+(?:\.\d+)?) = (-?\d+(?:\.\d+)?)")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+@dataclass
+class Check:
+    step_correct: list = field(default_factory=list)  # local validity of each step
+    first_error: int = -1  # index of the earliest wrong step, -1 if none (ProcessBench's label)
+    answer_correct: bool = False  # the boxed answer equals the gold answer
+
+
+def _num(s: str):
+    v = float(s)
+    return int(v) if v == int(v) else v
+
+
+def _code_equation(step: str, env: dict):
+    """(a, op, b, c) of one code step `v = v op k` (or (None, '=', k, k) for `v = k`), else None."""
+    lines = [ln for ln in step.split("\n") if ln.strip() and not ln.strip().startswith("#")]
+    try:
+        tree = ast.parse("\n".join(lines)) if len(lines) == 1 and len(lines[0]) < 200 else None
+    except SyntaxError:
+        return None
+    node = tree.body[0] if tree and len(tree.body) == 1 else None
+    if not isinstance(node, ast.Assign) or len(node.targets) != 1 or not isinstance(node.targets[0], ast.Name):
+        return None
+    v, e = node.targets[0].id, node.value
+    if isinstance(e, ast.Constant) and isinstance(e.value, int):
+        env[v] = e.value
+        return None, "=", e.value, e.value
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "/"}
+    if (isinstance(e, ast.BinOp) and type(e.op) in ops and isinstance(e.left, ast.Name) and e.left.id in env
+            and isinstance(e.right, ast.Constant) and isinstance(e.right.value, int)):
+        a, op, b = env[e.left.id], ops[type(e.op)], e.right.value
+        c = _apply(a, op, b) if op != "/" or (b and a % b == 0) else math.nan
+        c = int(c) if c == c and c == int(c) else c
+        env[v] = c
+        return a, op, b, c
+    return None
+
+
+def check_steps(problem: str, steps: list[str], answer: str | None = None, code: bool = False) -> Check:
+    """Per-step correctness, earliest wrong step and final-answer correctness of any solution text."""
+    prob = parse_problem(problem)
+    expected = [(OPS[k][2], b) for k, b in prob["ops"]]
+    gold = answer if answer is not None else str(solve_value(prob))
+    out, x, env, i = Check(), prob["start"], {}, 0
+    for j, step in enumerate(steps):
+        boxed = _BOXED.findall(step)
+        if boxed:  # the answer step: must come after every operation and state the running value
+            ok = i == len(expected) and len(boxed) == 1 and boxed[0].strip() == str(x) and j == len(steps) - 1
+            out.answer_correct = boxed[-1].strip() == str(gold)
+        elif code and j == 0:
+            eq = _code_equation(step, env)
+            ok = eq is not None and eq[1] == "=" and eq[2] == prob["start"]
+        else:
+            if code:
+                eq = _code_equation(step, env)
+            else:
+                eqs = _EQ.findall(step)
+                eq = tuple(_num(t) if t not in "+-*/" else t for t in eqs[0]) if len(eqs) == 1 else None
+            ok = eq is not None and eq[1] != "=" and i < len(expected) and eq[0] == x and (eq[1], eq[2]) == expected[i]
+            ok = ok and _apply(eq[0], eq[1], eq[2]) == eq[3]
+            if eq is not None and eq[1] != "=":
+                x = eq[3]  # carry the solution's own stated value forward
+            i += 1
+        out.step_correct.append(bool(ok))
+    out.first_error = next((j for j, ok in enumerate(out.step_correct) if not ok), -1)
+    return out
+
+
+def solve_value(prob: dict) -> int:
+    x = prob["start"]
+    for kind, b in prob["ops"]:
+        x = int(_apply(x, OPS[kind][2], b))
+    return x
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_char_tokenizer(out_dir: str | Path):
+    """Byte-level tokenizer with no merges: one token per byte, so one per ASCII character, and any
+    text encodes without loss (after NFC). Saved as `tokenizer.json`.
+    NOTE: AutoTokenizer loads a dir whose config.json says qwen2 as Qwen2Tokenizer, which imposes its own
+    byte-level pre-tokenizer and decoder on tokenizer.json; a byte-level vocabulary is what survives that
+    (a plain char vocabulary silently lost every space and newline), in HF and in vLLM alike."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes (GPT-2 order)
+    byte_syms = sorted(alphabet, key=lambda ch: _BYTE_OF[ch])
+    vocab = {t: i for i, t in enumerate(SPECIALS + byte_syms)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], pad_token=SPECIALS[0],
+                                 chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's reversible byte -> printable-character map (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+
+def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0,
+               init_std: float = 0.02, max_len: int = 1024):
+    """A small Qwen2ForCausalLM (heads of 32 dims: vLLM rejects 16)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_len, tie_word_embeddings=True, initializer_range=init_std,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, torch_dtype="float32")
+    return Qwen2ForCausalLM(cfg)
+
+
+# ----------------------------------------------------------------------------- build: data, SFT, calibration
+@dataclass
+class ToyConfig:
+    seed: int = 0
+    n_train: int = 20000  # training problems (SFT solutions are redrawn from them each epoch)
+    n_test: int = 500
+    min_ops: int = 1  # difficulty knob: operations per problem
+    max_ops: int = 3
+    max_num: int = 20
+    hidden: int = 128
+    layers: int = 4
+    sft_steps: int = 750
+    batch_size: int = 16
+    lr: float = 2e-3
+    calib_problems: int = 400
+    calib_n: int = 16
+
+
+def prompt_text(problem: str) -> str:
+    """The toy's plain prompt (utils.data.build_prompt uses the same template)."""
+    from utils.data import build_prompt
+    return build_prompt(problem)
+
+
+def make_splits(cfg: ToyConfig) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problems: a problem's split is fixed by a hash of its text."""
+    rng, seen, train, test = random.Random(cfg.seed), set(), [], []
+    while len(train) < cfg.n_train or len(test) < cfg.n_test:
+        p = make_problem(rng, rng.randint(cfg.min_ops, cfg.max_ops), cfg.max_num)
+        if p["problem"] in seen:
+            continue
+        seen.add(p["problem"])
+        is_test = int(hashlib.sha1(p["problem"].encode()).hexdigest(), 16) % 10 == 0
+        split = test if is_test else train
+        if len(split) < (cfg.n_test if is_test else cfg.n_train):
+            p["steps"] = solve(p)
+            split.append(p)
+    return train, test
+
+
+def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(print, flush=True)):
+    """Supervised fine-tuning of a fresh tiny Qwen2 on solutions with the error modes above."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.sft_steps)))))
+    rng, order, pool, t0, ntok = random.Random(cfg.seed + 1), [], [], time.time(), 0
+    model.train()
+    for step in range(cfg.sft_steps):
+        if not pool:  # draw 8 batches, bucket them by length (less padding), serve in random order
+            for _ in range(8 * cfg.batch_size):
+                if not order:
+                    order = list(range(len(train)))
+                    rng.shuffle(order)
+                p = train[order.pop()]
+                prompt = tok.encode(prompt_text(p["problem"]), add_special_tokens=False)
+                sol = tok.encode(STEP_SEP.join(solve(p, rng, ERRORS)), add_special_tokens=False) + [tok.eos_token_id]
+                pool.append((prompt, sol))
+            pool.sort(key=lambda ab: len(ab[0]) + len(ab[1]))
+            pool = [pool[i: i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
+            rng.shuffle(pool)
+        batch = pool.pop()
+        T = max(len(a) + len(b) for a, b in batch)
+        ids = torch.full((len(batch), T), tok.pad_token_id)  # (B, T)
+        labels = torch.full((len(batch), T), -100)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, (a, b) in enumerate(batch):
+            ids[r, : len(a) + len(b)] = torch.tensor(a + b)
+            labels[r, len(a): len(a) + len(b)] = torch.tensor(b)  # loss on the solution only
+            mask[r, : len(a) + len(b)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        ntok += int(mask.sum())
+        if step % 100 == 0 or step == cfg.sft_steps - 1:
+            log(f"sft step {step:5d}  loss {loss.item():.4f}  {ntok / (time.time() - t0):,.0f} tok/s")
+    model.eval()
+    return model
+
+
+def calibrate(policy_dir: str, test: list[dict], cfg: ToyConfig, backend: str = "auto") -> dict:
+    """Greedy accuracy, per-sample accuracy at T=1, pass@n and maj@n on the test split."""
+    from collections import Counter
+
+    from utils.generation import load_backend
+    from utils.grader import extract_answer
+
+    probs = test[: cfg.calib_problems]
+    gen = load_backend(policy_dir, backend=backend, max_model_len=1024)
+    prompts = [gen.encode(prompt_text(p["problem"])) for p in probs]
+    greedy = gen.sample(prompts, n=1, temperature=0.0, max_tokens=400)
+    sampled = gen.sample(prompts, n=cfg.calib_n, temperature=1.0, max_tokens=400, seed=cfg.seed)
+    g_ok, s_ok, pass_k, maj_k = [], [], [], []
+    for p, g, s in zip(probs, greedy, sampled):
+        g_ok.append(extract_answer(g[0].text) == p["answer"])
+        answers = [extract_answer(c.text) for c in s]
+        oks = [a == p["answer"] for a in answers]
+        s_ok.append(sum(oks) / len(oks))
+        pass_k.append(any(oks))
+        votes = Counter(a for a in answers if a is not None)
+        maj_k.append(bool(votes) and votes.most_common(1)[0][0] == p["answer"])
+    n = cfg.calib_n
+    return {"greedy_acc": sum(g_ok) / len(probs), "sample_acc_t1": sum(s_ok) / len(probs),
+            f"pass@{n}": sum(pass_k) / len(probs), f"maj@{n}": sum(maj_k) / len(probs),
+            "n_problems": len(probs), "backend": gen.name}
+
+
+def default_cache_dir(cfg: ToyConfig) -> Path:
+    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    root = os.environ.get("STEPWISE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "stepwise")
+    return Path(root).expanduser() / f"toy-{key}"
+
+
+def ensure_toy(out_dir: str | Path | None = None, cfg: ToyConfig | None = None, backend: str = "auto",
+               log=functools.partial(print, flush=True)) -> Path:
+    """Build the toy world into `out_dir` (default: the user cache) unless it is already there.
+    Layout: policy/ (HF model + tokenizer), train.jsonl, test.jsonl, calibration.json."""
+    from utils.data import write_jsonl
+
+    cfg = cfg or ToyConfig()
+    out = Path(out_dir) if out_dir else default_cache_dir(cfg)
+    if (out / "calibration.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = make_splits(cfg)
+    keep = ("problem", "answer", "steps", "start", "ops", "distractor")
+    write_jsonl(out / "train.jsonl", [{k: p[k] for k in keep} for p in train])
+    write_jsonl(out / "test.jsonl", [{k: p[k] for k in keep} for p in test])
+    tok = build_char_tokenizer(out / "policy")
+    if not (out / "policy" / "model.safetensors").exists():
+        t0 = time.time()
+        model = sft_policy(cfg, train, tok, log)
+        model.save_pretrained(out / "policy")
+        log(f"SFT took {time.time() - t0:.0f} s")
+    calib = calibrate(str(out / "policy"), test, cfg, backend) | {"config": asdict(cfg)}
+    (out / "calibration.json").write_text(json.dumps(calib, indent=2))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Build the toy world (data, tokenizer, SFT policy) and print "
+                                             "its calibration table.")
+    ap.add_argument("--out_dir", default=None, help="where to build (default: the user cache, keyed by config)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"], help="generation backend")
+    for k, v in asdict(ToyConfig()).items():
+        ap.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
+    a = vars(ap.parse_args())
+    out_dir, backend = a.pop("out_dir"), a.pop("backend")
+    out = ensure_toy(out_dir, ToyConfig(**a), backend)
+    calib = json.loads((out / "calibration.json").read_text())
+    print(f"toy world in {out}")
+    print("| metric | value | target |\n|---|---|---|")
+    targets = {"greedy_acc": "40-80%", "sample_acc_t1": "20-60%", "pass@16": ">= 85%", "maj@16": "<= pass@16 - 10"}
+    for k, t in targets.items():
+        if k in calib:
+            print(f"| {k} | {100 * calib[k]:.1f}% | {t} |")
+
+
+if __name__ == "__main__":
+    main()
