@@ -59,13 +59,20 @@ def test_extract_answer_forms():
         "<think>so \\boxed{1}</think>\nThe answer is 2.": "2",
         "Thus the total is **8**.": "8",
         "Therefore, the value of \\(f(9)\\) is \\(33\\).": "33",
-        "The solutions are \\(x = -1\\), \\(x = 2\\), and \\(x = -2\\).": "-1, 2, -2",
+        "The solutions are \\(x = -1\\), \\(x = 2\\), and \\(x = -2\\).": "-2",
         "the answer is \\$15.": "15",
         "no answer here": None,
         "": None,
     }
     for text, want in cases.items():
         assert extract_answer(text) == want, text
+
+
+def test_grade_spread_out_list_answers():
+    text = "So the roots are:\n\nThe solutions are \\(x = -1\\), \\(x = 2\\), and \\(x = -2\\)."
+    assert grade(text, "-1, 2, -2") and not grade(text, "-1, 2")
+    assert grade("Thus \\boxed{5} and \\boxed{-2}.", "-2, 5") and not grade("Thus \\boxed{5}.", "-2, 5")
+    assert grade("the values are \\(-1, 0,\\) and \\(1\\).", "-1,0,1")
 
 
 def test_never_raises_or_hangs():

@@ -106,7 +106,6 @@ class HFBackend(Backend):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         budget = [min(max_tokens, self.max_model_len - len(p)) for p in prompts]
         toks, lps, finish = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
-        tail = max([len(s) for s in stop], default=0) + 4
         past, cur, rows = None, ids, list(range(B))  # rows: batch position -> original row
         for t in range(max(budget)):
             o = self.model(input_ids=cur, attention_mask=mask, position_ids=pos[:, -cur.shape[1]:],
@@ -129,7 +128,7 @@ class HFBackend(Backend):
                 lps[r].append(chosen[k])
                 if nxt_l[k] in self.eos:
                     finish[r] = "eos"
-                elif stop and any(s in self.tokenizer.decode(toks[r][-tail:]) for s in stop):
+                elif stop and any(s in self.decode(toks[r]) for s in stop):
                     finish[r] = "stop"
                 elif len(toks[r]) >= budget[r]:
                     finish[r] = "length"

@@ -77,19 +77,42 @@ def _fallback(text: str):
     segs = [(e, g) for e, g in segs if g]
     outside = _MATH.sub(lambda m: " " * len(m.group(0)), last)
     nums = [(m.end(), m.group(0)) for m in _NUMBER.finditer(outside)]
+    if segs and nums and nums[-1][0] > segs[-1][0]:  # text after the last math: keep the math value if repeated
+        value = _clean(segs[-1][1].rsplit("=", 1)[-1]) or ""
+        if normalize(value) in {normalize(v) for e, v in nums if e > segs[-1][0]}:
+            return value
     if nums and (not segs or nums[-1][0] > segs[-1][0]):
         return _clean(nums[-1][1])
-    if segs:
-        run = []  # a closing run "x = -1, x = 2, and x = -2" -> "-1, 2, -2"
-        for _, g in reversed(segs):
-            m = re.fullmatch(r"([a-zA-Z])\s*=\s*([^=]+)", g)
-            if not m or (run and m.group(1) != run[-1].group(1)):
-                break
-            run.append(m)
-        if len(run) > 1:
-            return ", ".join(m.group(2).strip() for m in reversed(run))
-        return _clean(segs[-1][1].rsplit("=", 1)[-1])
-    return None
+    return _clean(segs[-1][1].rsplit("=", 1)[-1]) if segs else None
+
+
+_VALUE = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\\frac\{\d+\}\{\d+\}|\\sqrt\{\d+\})(?:\s*,)?")
+
+
+def _list_candidates(text: str):
+    """Several answers spread over the last paragraph: its boxes, or a closing run of math segments that
+    are plain values ("-1, 0, and 1") or assignments to one name ("x = -1, x = 2"; "d(6) = 1/3 ... d(72) = 1/9")."""
+    last = re.split(r"\n\s*\n", text.strip()[-3000:])[-1]
+    boxes = [b for b in (_braced(last, m.end()) for m in re.finditer(r"\\boxed\s*(?=\{)", last)) if b]
+    if len(boxes) > 1:
+        yield ", ".join(boxes)
+    segs = [g.strip() for m in _MATH.finditer(last) for g in m.groups() if g is not None and g.strip()]
+    run, name = [], None
+    for g in reversed(segs):
+        m = re.fullmatch(r"([a-zA-Z])(?:\([^()=]*\))?\s*=\s*([^=]+)", g)
+        if not m or (name and m.group(1) != name):
+            break
+        name = m.group(1)
+        run.append(m.group(2).strip())
+    if len(run) > 1:
+        yield ", ".join(reversed(run))
+    vals = []
+    for g in reversed(segs):
+        if not all(_VALUE.fullmatch(v.strip()) for v in g.split(",") if v.strip()):
+            break
+        vals.append(g.strip(" ,"))
+    if len(vals) > 1:
+        yield ", ".join(reversed(vals))
 
 
 def extract_answer(text) -> str | None:
@@ -149,9 +172,10 @@ def normalize(s: str) -> str:
                  ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"), ("\\rvert", "|"), ("\\cdot", "*"),
                  ("\\times", "*"), ("×", "*"), ("−", "-"), ("\\infin", "\\infty"), ("±", "\\pm "), ("\\emptyset", "\\varnothing")):
         s = s.replace(a, b)
+    s = re.sub(r"(?<!\\)\\(?=\d)", "", s)  # "\\15" (a stripped "\\$15"), not a matrix row "\\\\1"
     s = re.sub(r"(?<!\\)\\[!,;:]|\\[Bb]igg?[lr]?(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # spacing commands (not the "\\" of a matrix row)
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*and\s*\}|\s+and\s+", ",", s)  # "2 \\text{ and } 3" -> "2,3"
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", ",", s)  # "2 \\text{ and } 3" -> "2,3"
     s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*(?!and\b|or\b)[A-Za-z][A-Za-z ]*\}(?:\^\{?[23]\}?)?", r"\1", s)  # 65 \text{ tickets}
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
     s = _unwrap_text(s)
@@ -170,13 +194,15 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt\s*(\d+)", r"\\sqrt{\1}", s)
     # numbers with units in words, "12 cm", "5 \text{ dollars}" (already unwrapped), "4 square units"
-    m = re.fullmatch(rf"(.*?[\d}}])\s*(?:{_UNIT_WORDS})(?:\s+{_UNIT_WORDS})*\s*\.?", s)
+    m = re.fullmatch(rf"(.*?[\d}}])\s*(?:{_UNIT_WORDS})(?:\s+{_UNIT_WORDS})*\s*\.?", s) or \
+        re.fullmatch(r"(-?[\d.,]+)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]{2,}){0,3}\s*\.?", s)  # "12 tomatoes"
     if m and re.search(r"\d", m.group(1)):
         s = m.group(1).strip()
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s) if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
     s = s.rstrip(".").strip() if not re.fullmatch(r".*\d\.", s) else s[:-1]
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
-    s = s.replace(" ", "") if not re.fullmatch(r"[A-Za-z ]+", s) else s
+    if not re.fullmatch(r"[A-Za-z ]+", s):  # drop spaces, but keep "\\pi k" from becoming "\\pik"
+        s = re.sub(r"(\\[a-zA-Z]+) +(?=[a-zA-Z])", r"\1\0", s).replace(" ", "").replace("\0", " ")
     if s.startswith("+") and len(s) > 1:
         s = s[1:]
     return s.replace("+\\infty", "\\infty").replace("inf", "\\infty") if s in ("inf", "+inf", "+\\infty") else s
@@ -401,7 +427,13 @@ def is_equiv(pred, gold, timeout: float = 3.0) -> bool:
 
 
 def grade(response: str, gold: str, timeout: float = 3.0) -> bool:
-    return is_equiv(extract_answer(response), gold, timeout)
+    """extract_answer + is_equiv; when the gold is a list, answers spread over the last paragraph
+    ("\\boxed{5} and \\boxed{-2}", "\\(x = -1\\), \\(x = 2\\)") are also compared as one list."""
+    if is_equiv(extract_answer(response), gold, timeout):
+        return True
+    if not isinstance(response, str) or not isinstance(gold, str) or _structure(normalize(gold)) is None:
+        return False
+    return any(is_equiv(c, gold, timeout) for c in _list_candidates(response))
 
 
 # ----------------------------------------------------------------------------- sympy, in killable workers
@@ -423,6 +455,9 @@ def latex_to_sympy_str(s: str) -> str:
         if den is None:
             raise ValueError("bad \\frac")
         s = s[:i] + f"(({num})/({den}))" + s[k + len(den) + 2:]
+    base = r"\\log_(?:\{(\w+)\}|(\w))\s*"
+    s = re.sub(base + r"\(([^()]*)\)", r"log((\3),(\1\2))", s)  # \log_{10}(2) -> log(2, 10)
+    s = re.sub(base + r"(\w+)", r"log((\3),(\1\2))", s)  # \log_2 8
     s = re.sub(r"\\sqrt\[([^\]]+)\]\{", r"root_(\1)(", s)  # placeholder name, fixed below
     s = s.replace("root_(", "nthroot__(")
     for a, b in sorted(_LATEX_FUNCS.items(), key=lambda kv: -len(kv[0])):
@@ -455,9 +490,10 @@ def _sympy_job(a: str, b: str) -> bool:
         return parse_expr(s, local_dict=local, transformations=tr, evaluate=False)
 
     x, y = parse(a), parse(b)
-    for e in (x, y):  # refuse towers like 10^{10^{10}} before anything evaluates them
+    for e in (x, y):  # refuse towers like 10^{10^{10}} before anything evaluates them (mpmath floats are safe)
         for p in e.atoms(sympy.Pow):
-            if p.exp.is_Number and abs(p.exp) > 10000 or not p.exp.is_Number and p.exp.has(sympy.Pow):
+            ev = sympy.N(p.exp, 15) if not p.exp.free_symbols else None
+            if ev is not None and (not ev.is_real or abs(ev) > 10000) or p.exp.free_symbols and p.exp.has(sympy.Pow):
                 return str(x) == str(y)
     if isinstance(x, sympy.Eq) or isinstance(y, sympy.Eq):
         if not (isinstance(x, sympy.Eq) and isinstance(y, sympy.Eq)):

@@ -50,7 +50,6 @@ OPS = {
 }
 DISTRACTORS = ["{n}'s friend has {d} {item2}.", "{n} is {d} years old.", "{n}'s bag weighs {d} pounds."]
 ERRORS = {"misread": 0.3, "distractor": 0.2, "skip": 0.06, "slip": 0.04}  # per eligible step / solution
-MAX_VALUE = 200
 
 
 # ----------------------------------------------------------------------------- problems
@@ -58,14 +57,14 @@ def _apply(a: int, op: str, b: int):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else math.nan}[op]
 
 
-def make_problem(rng: random.Random, n_ops: int, max_num: int = 20, distractor_p: float = 0.5) -> dict:
-    """One problem: a start value and `n_ops` operations whose values stay integers in [0, 200]."""
+def make_problem(rng: random.Random, n_ops: int, max_num: int = 10, distractor_p: float = 0.5) -> dict:
+    """One problem: a start value and `n_ops` operations whose values stay integers in [0, 10 * max_num]."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     x = rng.randint(2, max_num)
     start, ops = x, []
     for _ in range(n_ops):
-        kinds = ["add"] + (["sub"] if x >= 2 else []) + (["twice"] if 2 * x <= MAX_VALUE else [])
-        kinds += (["thrice"] if 3 * x <= MAX_VALUE else []) + (["half"] if x % 2 == 0 and x >= 2 else [])
+        kinds = ["add"] + (["sub"] if x >= 2 else []) + (["twice"] if 2 * x <= 10 * max_num else [])
+        kinds += (["thrice"] if 3 * x <= 10 * max_num else []) + (["half"] if x % 2 == 0 and x >= 2 else [])
         kinds += ["third"] if x % 3 == 0 and x >= 3 else []
         kind = rng.choice(kinds)
         b = OPS[kind][3] or rng.randint(1, min(max_num, x - 1) if kind == "sub" else max_num)
@@ -291,12 +290,12 @@ class ToyConfig:
     n_test: int = 500
     min_ops: int = 1  # difficulty knob: operations per problem
     max_ops: int = 3
-    max_num: int = 20
+    max_num: int = 10  # difficulty knob: operand range (values stay <= 10 * max_num)
     hidden: int = 128
     layers: int = 4
-    sft_steps: int = 750
+    sft_steps: int = 640
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     calib_problems: int = 400
     calib_n: int = 16
 
