@@ -105,4 +105,4 @@ def test_processbench_final_answer_agreement():
             if r["answer"] is not None]
     preds = grade_batch(["\n\n".join(r["steps"]) for r in rows], [r["answer"] for r in rows])
     agree = sum(p == r["final_answer_correct"] for p, r in zip(preds, rows)) / len(rows)
-    assert agree >= 0.97, agree
+    assert agree >= 0.978, agree  # measured 98.2% (math-verify 97.5% on the same rows)

@@ -458,12 +458,19 @@ def latex_to_sympy_str(s: str) -> str:
     base = r"\\log_(?:\{(\w+)\}|(\w))\s*"
     s = re.sub(base + r"\(([^()]*)\)", r"log((\3),(\1\2))", s)  # \log_{10}(2) -> log(2, 10)
     s = re.sub(base + r"(\w+)", r"log((\3),(\1\2))", s)  # \log_2 8
-    s = re.sub(r"\\sqrt\[([^\]]+)\]\{", r"root_(\1)(", s)  # placeholder name, fixed below
-    s = s.replace("root_(", "nthroot__(")
+    while "\\sqrt[" in s:  # \sqrt[3]{x} -> nthroot((3),(x))
+        i = s.find("\\sqrt[")
+        j = s.find("]", i)
+        arg = _braced(s, j + 1) if j > 0 and j + 1 < len(s) and s[j + 1] == "{" else None
+        if arg is None:
+            raise ValueError("bad \\sqrt[n]")
+        s = s[:i] + f"nthroot(({s[i + 6: j]}),({arg}))" + s[j + 3 + len(arg):]
     for a, b in sorted(_LATEX_FUNCS.items(), key=lambda kv: -len(kv[0])):
         s = s.replace(a, f" {b} " if b not in ("sqrt",) else b)
     if "\\" in s:
         raise ValueError("unknown LaTeX command")
+    for _ in range(3):  # n! and (d-k)! -> factorial(...)
+        s = re.sub(r"(\w+|\([^()]*\)|\{[^{}]*\})\s*!", r" factorial(\1) ", s)
     s = s.replace("{", "(").replace("}", ")").replace("^", "**")
     return s
 
@@ -477,12 +484,8 @@ def _sympy_job(a: str, b: str) -> bool:
 
     def parse(s):
         s = latex_to_sympy_str(s)
-        m = re.match(r"nthroot__\(([^)]*)\)\((.*)\)$", s)
-        if "nthroot__" in s:
-            s = re.sub(r"nthroot__\(([^()]*)\)\(", r"root_fn(\1, ", s)
-            s = s.replace("root_fn(", "Pow_rev(")
         local = {"E": sympy.E, "e": sympy.E, "pi": sympy.pi, "oo": sympy.oo, "i": sympy.I,
-                 "Pow_rev": lambda n, x: sympy.root(x, n), "gamma_": sympy.Symbol("gamma")}
+                 "nthroot": lambda n, x: sympy.root(x, n), "gamma_": sympy.Symbol("gamma")}
         if "=" in s:
             lhs, rhs = s.split("=", 1)
             return sympy.Eq(parse_expr(lhs, local_dict=local, transformations=tr, evaluate=False),
