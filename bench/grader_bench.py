@@ -56,7 +56,9 @@ def hostile_inputs(n: int, seed: int = 0):
 def adversarial(n: int, timeout: float) -> dict:
     import resource
     worst, t0 = 0.0, time.time()
-    for a in hostile_inputs(n):
+    for i, a in enumerate(hostile_inputs(n)):
+        if i % 1000 == 0:
+            print(f"  adversarial {i}/{n}  worst call so far {worst:.2f}s", flush=True)
         for gold in ("5", a[:50]):
             for fn in (is_equiv, grade):
                 t = time.monotonic()
