@@ -293,7 +293,7 @@ class ToyConfig:
     max_num: int = 10  # difficulty knob: operand range (values stay <= 10 * max_num)
     hidden: int = 128
     layers: int = 4
-    sft_steps: int = 640
+    sft_steps: int = 1300
     batch_size: int = 16
     lr: float = 3e-3
     calib_problems: int = 400
