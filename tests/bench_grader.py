@@ -1,7 +1,7 @@
 """Grader benchmark: reference self-consistency on MATH/GSM8K and ProcessBench final-answer agreement,
 side by side with math-verify when it is installed (pip install math-verify; a benchmark-only extra).
 
-    python bench/grader_bench.py [--out_dir runs/grader]
+    python tests/bench_grader.py [--out_dir runs/grader]
 """
 import argparse
 import json
