@@ -88,6 +88,7 @@ def main():
     mv = math_verify_grade()
     for split in ("gsm8k", "math", "olympiadbench"):
         rows = [r for r in read_jsonl(SHARED_DATA / f"processbench_{split}.jsonl") if r["answer"] is not None][: a.limit]
+        res[f"processbench/{split}/n"] = len(rows)
         for who, fn in (("stepwise", grade), ("math_verify", mv)):
             if fn is None:
                 continue
@@ -105,6 +106,13 @@ def main():
                 for p, r in zip(preds, rows):
                     if p != r["final_answer_correct"]:
                         print("   ", p, repr(extract_answer("\n\n".join(r["steps"])))[:80], "| gold", repr(r["answer"])[:60])
+    for who in ("stepwise", "math_verify"):
+        splits = [k.split("/")[1] for k in res if k.startswith("processbench/") and k.endswith(f"/{who}/agreement")]
+        if splits:
+            n = {sp: res[f"processbench/{sp}/n"] for sp in splits}
+            agree = sum(res[f"processbench/{sp}/{who}/agreement"] * n[sp] for sp in splits) / sum(n.values())
+            res[f"processbench/overall/{who}/agreement"] = agree
+            print(f"processbench overall        {who:12s} agree {100 * agree:5.2f}%", flush=True)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     Path(a.out_dir, "results.json").write_text(json.dumps(res, indent=2))
 

@@ -29,18 +29,26 @@ EQUAL = {
     "pm": [("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}"), ("±1, ±7", "1,-1,7,-7")],
     "inequalities": [("x > 2", "(2, \\infty)"), ("x \\geq -1", "[-1,\\infty)"), ("2 < x \\le 5", "(2,5]")],
     "words": [("\\text{Monday}", "monday")],
+    "function equations": [("f(y) = 1", "f(x)=1"), ("f(t)=t^2", "f(x) = x^2")],
+    "assignments": [("(f(n), g(n)) = (n, 1)", "f(n)=n, g(n)=1"), ("b=2, a=1", "a=1,b=2"), ("(n, 1)", "f(n)=n, g(n)=1")],
+    "sets of sets": [("\\{1, 2\\}, \\{-3\\}", "1,2,-3")],
+    "quantifiers": [("\\frac{\\pi}{6} + k\\pi \\text{ for } k \\in \\mathbb{Z}", "\\frac{1}{6}\\pi+\\pi k"),
+                    ("2\\pi n, where n is an integer", "2n\\pi")],
 }
+ONE_WAY = ("x= prefix", "choices", "assignments", "sets of sets")  # a gold-side form a prediction may drop
 UNEQUAL = [("3", "3.5"), ("(1,2)", "[1,2]"), ("x^2", "2x"), ("1-\\frac{1}{e}", "1+\\frac{1}{e}"), ("\\{1,2\\}", "\\{1,3\\}"),
            ("1, 2", "1, 2, 3"), ("50\\%", "5"), ("\\sqrt{2}", "1.414"), ("A", "B"), ("(2,\\infty)", "x \\ge 2"),
            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}"), ("x=5", "x=6"), ("", "0"),
-           ("\\frac{1}{2}", "\\frac{1}{3}"), ("10^{10^{10^{10}}}", "5"), ("monday", "tuesday"), ("1 \\pm 2", "3")]
+           ("\\frac{1}{2}", "\\frac{1}{3}"), ("10^{10^{10^{10}}}", "5"), ("monday", "tuesday"), ("1 \\pm 2", "3"),
+           ("f(y)=2y", "f(x)=x"), ("(1, n)", "f(n)=n, g(n)=1"), ("a=1, b=3", "a=1, b=2"), ("\\{1,2\\},\\{3\\}", "1,2,4"),
+           ("\\frac{\\pi}{6}+k\\pi", "\\frac{5\\pi}{6}+k\\pi")]
 
 
 @pytest.mark.parametrize("rule", sorted(EQUAL))
 def test_equal_rule(rule):
     for a, b in EQUAL[rule]:
         assert is_equiv(a, b), (rule, a, b)
-        assert is_equiv(b, a) or rule in ("x= prefix", "choices"), (rule, b, a)
+        assert is_equiv(b, a) or rule in ONE_WAY, (rule, b, a)
 
 
 @pytest.mark.parametrize("a,b", UNEQUAL)
@@ -58,6 +66,9 @@ def test_extract_answer_forms():
         "We get it. The answer is 3.5.": "3.5",
         "<think>so \\boxed{1}</think>\nThe answer is 2.": "2",
         "Thus the total is **8**.": "8",
+        "So the function is: \\[f(x) = 1 - x.\\] It is injective, unlike \\(f(x)\\) before.": "f(x) = 1 - x",
+        "The probability is approximately \\(1/3\\), for fixed \\(A\\) and \\(B\\).": "1/3",
+        "He gets $7.00 in change. Verna pays $20.": "20",
         "Therefore, the value of \\(f(9)\\) is \\(33\\).": "33",
         "The solutions are \\(x = -1\\), \\(x = 2\\), and \\(x = -2\\).": "-2",
         "the answer is \\$15.": "15",
@@ -105,4 +116,4 @@ def test_processbench_final_answer_agreement():
             if r["answer"] is not None]
     preds = grade_batch(["\n\n".join(r["steps"]) for r in rows], [r["answer"] for r in rows])
     agree = sum(p == r["final_answer_correct"] for p, r in zip(preds, rows)) / len(rows)
-    assert agree >= 0.978, agree  # measured 98.2% (math-verify 97.5% on the same rows)
+    assert agree >= 0.985, agree  # measured 98.6% (math-verify 97.6% on the same rows)

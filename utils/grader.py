@@ -58,6 +58,10 @@ _MATH = re.compile(r"\\\((.+?)\\\)|\\\[(.+?)\\\]|\$\$(.+?)\$\$|\$(.+?)\$", re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
+_IS_MATH = re.compile(r"\b(is|are|equals)\s*(?:approximately\s+|about\s+|exactly\s+|equal to\s+)?:?\s*" + _MATH.pattern,
+                      re.S)
+
+
 def _clean(ans: str):
     ans = ans.replace("\\$", "").strip().strip("$").strip()
     ans = re.sub(r"\\[()\[\]]", "", ans)
@@ -73,6 +77,11 @@ def _fallback(text: str):
     bold = re.findall(r"\*\*(.+?)\*\*", last)
     if bold and re.search(r"\d", bold[-1]):
         return _clean(bold[-1])
+    stated = [g for m in _IS_MATH.finditer(last) for g in m.groups()[1:] if g is not None and g.strip()
+              and not re.match(r"\s*,?\s*(?:and\s+)?(?:\\[(\[]|\$)", last[m.end():])]  # not a list "are \\(1\\), \\(2\\)"
+    stated = [g for g in stated if not re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}|\\$", g)]  # not "$7 in change. ..$"
+    if stated:  # "the function is: \\[f(x) = 1 - x\\]" beats later mentions of \\(f(x)\\)
+        return _clean(stated[-1])
     segs = [(m.end(), next(g for g in m.groups() if g is not None).strip()) for m in _MATH.finditer(last)]
     segs = [(e, g) for e, g in segs if g]
     outside = _MATH.sub(lambda m: " " * len(m.group(0)), last)
@@ -184,6 +193,10 @@ def normalize(s: str) -> str:
     s = s.replace("\\lt", "<").replace("\\gt", ">")
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*:?\s*", "", s, flags=re.I)
+    # a trailing quantifier: "\\frac{\\pi}{6}+k\\pi for k \\in \\mathbb{Z}", "..., where n is an integer"
+    s = re.sub(r"(?:,|\s)*(?:(?:for|where)\s+(?:all\s+|any\s+|some\s+)?(?:integers?\s+)?)?[a-zA-Z]\s*\\in\s*"
+               r"\\mathbb\s*\{?[ZN]\}?\s*\.?$|(?:,|\s)*(?:for|where)\s+[a-zA-Z]\s+(?:is|are)\s+(?:an?\s+)?"
+               r"(?:integers?|natural numbers?)\s*\.?$", "", s)
     # "x = 5", "k=3": drop a single-variable left side (not "x+y=3", not "y=2x+1" equations of two sides)
     m = re.fullmatch(r"\s*([a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=\s*([^=<>]+)", s)
     if m and not re.search(r"[a-zA-Z]", re.sub(r"\\(?:frac|sqrt|pi|infty|pm|mp)", "", m.group(2))):
@@ -286,7 +299,8 @@ def _structure(s: str):
         return "matrix", rows
     if s.startswith("\\{") and s.endswith("\\}"):
         items = _split_top(s[2:-2])
-        return ("set", items) if items is not None else None
+        if items is not None:  # else "\\{1,2\\},\\{3\\}": a list of sets, below
+            return "set", items
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
         inner = s[1:-1]
         if _split_top(inner) is not None and _balanced(inner):
@@ -370,6 +384,18 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
     m = re.fullmatch(r"([a-zA-Z](?:\([a-z]\))?)=([^=]+)", b)
     if m and not eq.search(a):  # gold "f(x)=x+22" or "d=\\frac{..}{..}" vs "x+22"
         return _equiv(a, m.group(2), deadline, depth + 1)
+    fa, fb = _FUNC_EQ.fullmatch(a), _FUNC_EQ.fullmatch(b)
+    if fa and fb and fa.group(1) == fb.group(1) and fa.group(2) != fb.group(2):  # "f(y)=y" vs "f(x)=x"
+        rhs = re.sub(rf"(?<![\\a-zA-Z]){fa.group(2)}(?![a-zA-Z])", fb.group(2), fa.group(3))
+        return _equiv(rhs, fb.group(3), deadline, depth + 1)
+    da, db = _assignments(a), _assignments(b)
+    if db and (da or not eq.search(a)):  # gold "f(n)=n,g(n)=1" vs "(f(n),g(n))=(n,1)" or "(n,1)"
+        if da:
+            return sorted(da) == sorted(db) and all(_equiv(da[k], db[k], deadline, depth + 1) for k in db)
+        sa = _structure(a)
+        vals = sa[1] if sa and sa[0] in ("list", "bracket()") else None
+        return vals is not None and len(vals) == len(db) and all(
+            _equiv(normalize(x), normalize(y), deadline, depth + 1) for x, y in zip(vals, db.values()))
     # structures
     ia, ib = _interval_from_inequality(a), _interval_from_inequality(b)
     if ia or ib:
@@ -398,9 +424,43 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
     return _symbolic_equal(a, b, max(0.05, deadline - time.monotonic()))
 
 
+_FUNC_EQ = re.compile(r"([a-zA-Z])\(([a-z])\)=([^=]+)")
+
+
+def _assignments(s: str):
+    """'a=1,b=2' or '(a,b)=(1,2)' -> {'a': '1', 'b': '2'} (two or more names); else None."""
+    parts = re.split(r"(?<![<>!])=", s)
+    if len(parts) == 2:
+        la, ra = _structure(parts[0]), _structure(parts[1])
+        if la and ra and la[0] == ra[0] == "bracket()" and len(la[1]) == len(ra[1]):
+            return dict(zip(la[1], ra[1]))
+        return None
+    items = _split_top(s)
+    if not items or len(items) < 2:
+        return None
+    pairs = [re.split(r"(?<![<>!])=", x) for x in items]
+    if not all(len(p) == 2 and re.fullmatch(r"[a-zA-Z](?:_\w+)?(?:\([a-z]\))?", p[0]) for p in pairs):
+        return None
+    out = dict(pairs)
+    return out if len(out) == len(pairs) else None
+
+
+def _flatten_sets(items):
+    """['\\{1,2\\}', '\\{3\\}'] -> ['1', '2', '3'] when every item is a set (pred '\\{..\\},\\{..\\}' vs a flat gold)."""
+    out = []
+    for x in items:
+        st = _structure(normalize(x)) if normalize(x).startswith("\\{") else None
+        if not st or st[0] != "set":
+            return None
+        out += st[1]
+    return out
+
+
 def _match_unordered(xa, xb, deadline, depth) -> bool:
     xa = [y for x in xa for y in (_expand_pm(normalize(x)) or x).split(",")] if any("pm" in x for x in xa) else xa
     xb = [y for x in xb for y in (_expand_pm(normalize(x)) or x).split(",")] if any("pm" in x for x in xb) else xb
+    if len(xa) != len(xb) and not any(normalize(y).startswith("\\{") for y in xb):
+        xa = _flatten_sets(xa) or xa
     if len(xa) != len(xb):
         return False
     left = [normalize(y) for y in xb]
