@@ -23,6 +23,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_toy_dir(tmp_path_factory):
+    """A toy world at test scale (policy barely trained): the layout every method script reads."""
+    from utils.toy import ToyConfig, ensure_toy
+
+    cfg = ToyConfig(n_train=300, n_test=30, hidden=64, layers=2, sft_steps=40, batch_size=8, calib_problems=2,
+                    calib_n=2)
+    return ensure_toy(tmp_path_factory.mktemp("toy"), cfg, backend="hf", log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
 def hf_backend(tiny_model_dir):
     from utils.generation import HFBackend
     return HFBackend(tiny_model_dir, device="cpu")

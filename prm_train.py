@@ -1,0 +1,570 @@
+"""prm_train.py: a discriminative process reward model (PRM) from human or Monte-Carlo step labels.
+
+Papers: "Let's Verify Step by Step" (Lightman et al., arXiv 2305.20050); Math-Shepherd (Wang et al.,
+arXiv 2312.08935); OmegaPRM (Luo et al., arXiv 2406.06592). Heads as in Math-Shepherd/OpenR (`lm2`)
+and Qwen2.5-Math-PRM/TRL (`cls`).
+
+A causal LM reads the prompt and the solution steps; after each step the step tag (the "\\n\\n"
+separator by default) is appended at the token level, and the PRM's P(step is correct) is read at the
+tag's last token. One forward pass scores every step. Step labels come from a JSONL in the stepwise
+format (PRM800K, Math-Shepherd and ProcessBench convert to it, see utils/data.py), or are made here
+from policy samples:
+  mc       Math-Shepherd: roll out K completions from each step prefix; hard label = any reaches the
+           gold answer, soft = the fraction that does;
+  omega    OmegaPRM's binary search for the first error of a wrong solution: MC-estimate the middle
+           prefix and recurse, K*log2(M) rollouts instead of K*M;
+  outcome  the ORM baseline: every step gets the solution's final outcome;
+  exact    (toy only) the toy checker's step labels: the ceiling that MC labels aim at.
+
+Deviations from the papers:
+  1. Hard MC labels of a solution whose own answer is right are all positive with no rollouts: the
+     solution is itself a completion of each of its prefixes that reaches the answer.
+  2. `omega` is the binary search only, not OmegaPRM's tree search over (state, rollout) pairs; it
+     labels wrong solutions up to their first error, right ones all positive.
+  3. The tag is the step separator, not an added token (" ки"): the policy saw "\\n\\n" in its own
+     text, and TRL's PRMTrainer reads the same position. `--step_tag "<extra_0>"` gives Qwen's form.
+  4. Toy-scale hyperparameters (TOY below) replace the papers' when --model is empty.
+
+    python prm_train.py                                      # toy world on CPU: MC labels + baselines
+    torchrun --nproc_per_node 8 prm_train.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat \\
+        --labels prm800k_stepwise.jsonl --head cls --bf16
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.data import build_prompt, first_error_truncate, load_problems, read_jsonl, split_steps, write_jsonl
+from utils.generation import load_backend
+from utils.grader import grade
+from utils.train import (MetricsLog, gather_lists, latest_checkpoint, parse_args, save_checkpoint, seed_all,
+                         setup_dist, unwrap, write_json)
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = field(default="", metadata={"help": "PRM init checkpoint (HF dir or hub id); empty: the toy policy"})
+    policy: str = field(default="", metadata={"help": "policy that writes and completes solutions (default: --model)"})
+    data: str = field(default="", metadata={"help": "problems JSONL {problem, answer} to sample from (default: toy train)"})
+    labels: str = field(default="mc", metadata={"help": "mc | omega | outcome | exact (toy) | a stepwise JSONL path"})
+    baselines: str = field(default="", metadata={"help": "comma list of extra label sources trained on the same "
+                                                         "solutions and steps, e.g. outcome,exact"})
+    toy_dir: str = field(default="", metadata={"help": "toy world dir (default: built/cached by utils.toy)"})
+    chat: bool = field(default=False, metadata={"help": "build prompts with the tokenizer's chat template"})
+    # labelling (Math-Shepherd / OmegaPRM)
+    n_problems: int = field(default=0, metadata={"help": "problems to sample solutions for (0: all)"})
+    samples_per_problem: int = field(default=4, metadata={"help": "policy solutions per problem"})
+    rollouts: int = field(default=8, metadata={"help": "completions per prefix K (Math-Shepherd: N=8; OmegaPRM: k=8)"})
+    label_type: str = field(default="hard", metadata={"help": "hard | soft (Math-Shepherd HE/SE; its data is HE)"})
+    first_error: bool = field(default=True, metadata={"help": "drop steps after the first negative (PRM800K/ProcessBench)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature for solutions and rollouts"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "max tokens per solution / rollout"})
+    backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
+    # model head
+    head: str = field(default="lm2", metadata={"help": "lm2 (two label tokens, Math-Shepherd/OpenR) | cls "
+                                                       "(token classification, Qwen2.5-Math-PRM/TRL)"})
+    pos_token: str = field(default="+", metadata={"help": "lm2 positive label token (Math-Shepherd)"})
+    neg_token: str = field(default="-", metadata={"help": "lm2 negative label token (Math-Shepherd)"})
+    step_tag: str = field(default="\n\n", metadata={"help": "ids appended after each step; P(correct) is read at its last token"})
+    # optimisation (search-and-learn H4 recipe / OpenR)
+    lr: float = field(default=1e-5, metadata={"help": "peak lr (notes: 1e-5 <=1.5B, 1e-6 for 7B; H4 recipe 1e-6)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the labelled solutions (H4 recipe: 1)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine (H4: 50 steps)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (OpenR: 0.01)"})
+    batch_tokens: int = field(default=16384, metadata={"help": "tokens per micro-batch (padded), per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_len: int = field(default=2048, metadata={"help": "max tokens per solution; later steps are dropped (H4: 2048)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on GPU (the papers train in bf16)"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    # evaluation and output
+    eval_data: str = field(default="", metadata={"help": "ProcessBench-format JSONL {problem, steps, label} to "
+                                                         "evaluate on (default on the toy: fresh policy samples on test)"})
+    eval_problems: int = field(default=500, metadata={"help": "toy test problems sampled for toy ProcessBench"})
+    threshold: float = field(default=0.5, metadata={"help": "first step with P(correct) < threshold is the error"})
+    out_dir: str = field(default="runs/prm", metadata={"help": "outputs: labels, metrics.jsonl, prm/, eval.json"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in out_dir"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling, shuffling and init"})
+
+
+# Toy scale: a 0.8M-parameter PRM fine-tuned from the toy policy on CPU (applied when --model is empty).
+TOY = dict(n_problems=600, samples_per_problem=2, temperature=1.0, max_new_tokens=200,
+           backend="hf", lr=5e-4, epochs=5.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
+           max_len=1024, eval_problems=500, baselines="outcome,exact")
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode(tok, problem: str, steps: list[str], step_tag: str, chat: bool = False, max_len: int = 2048):
+    """Prompt ids, then per step: its ids + the tag's ids (appended at the token level, never by
+    re-tokenizing a joined string). Returns (ids, tag positions); steps past max_len are dropped."""
+    ids = tok.encode(build_prompt(problem, tok, chat), add_special_tokens=False)
+    tag, tags = tok.encode(step_tag, add_special_tokens=False), []
+    for s in steps:
+        nxt = ids + tok.encode(s, add_special_tokens=False) + tag
+        if len(nxt) > max_len:
+            break
+        ids = nxt
+        tags.append(len(ids) - 1)
+    return ids, tags
+
+
+def make_batches(examples: list[dict], batch_tokens: int, rng: random.Random, window: int = 256) -> list[list[dict]]:
+    """Micro-batches of at most batch_tokens padded tokens: examples are shuffled, then sorted by length
+    within windows of `window` (little padding, yet each batch a random mix of problems)."""
+    order = examples[:]
+    rng.shuffle(order)
+    batches = []
+    for w in range(0, len(order), window):
+        cur = []
+        for e in sorted(order[w: w + window], key=lambda e: len(e["ids"])):
+            if cur and (len(cur) + 1) * len(e["ids"]) > batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(e)
+        batches += [cur] if cur else []
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[dict], pad_id: int, device):
+    T = max(len(e["ids"]) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    tag_b, tag_t, target = [], [], []
+    for r, e in enumerate(batch):
+        ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
+        mask[r, : len(e["ids"])] = 1
+        tag_b += [r] * len(e["tags"])
+        tag_t += e["tags"]
+        target += e.get("labels", [0.0] * len(e["tags"]))
+    return (ids.to(device), mask.to(device), torch.tensor(tag_b, device=device), torch.tensor(tag_t, device=device),
+            torch.tensor(target, dtype=torch.float, device=device))  # tags: (N,)
+
+
+# ----------------------------------------------------------------------------- model
+class PRM(torch.nn.Module):
+    """Wraps an HF model; forward returns the logit of P(step correct) at each tag, shape (N,)."""
+
+    def __init__(self, model, head: str, pos_id: int | None = None, neg_id: int | None = None):
+        super().__init__()
+        self.model, self.head, self.pos_id, self.neg_id = model, head, pos_id, neg_id
+
+    def forward(self, ids, mask, tag_b, tag_t):
+        if self.head == "cls":  # token classification: label 1 = correct
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[tag_b, tag_t]  # (N, 2)
+            return logits[:, 1] - logits[:, 0]
+        h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[tag_b, tag_t]  # (N, H)
+        logits = self.model.get_output_embeddings()(h)  # (N, V): only at tags, not (B, T, V)
+        return logits[:, self.pos_id] - logits[:, self.neg_id]  # 2-way softmax over (+, -) == sigmoid of this
+
+
+def single_token_id(tok, text: str) -> int:
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"label token {text!r} is {len(ids)} tokens in this tokenizer; pick a single-token one")
+    return ids[0]
+
+
+def build_prm(path: str, head: str, pos_token: str, neg_token: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if head == "cls":
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1},
+            dtype=dtype)
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return PRM(model, "cls"), tok
+    if head != "lm2":
+        raise ValueError(f"unknown head {head!r} (lm2 or cls)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return PRM(model, "lm2", single_token_id(tok, pos_token), single_token_id(tok, neg_token)), tok
+
+
+def load_prm(path: str, device="cpu"):
+    """A trained PRM dir (written by this script) -> (PRM, tokenizer, meta). Used by search.py and eval.py."""
+    meta = json.loads((Path(path) / "prm.json").read_text())
+    prm, tok = build_prm(path, meta["head"], meta["pos_token"], meta["neg_token"])
+    return prm.to(device).eval(), tok, meta
+
+
+@torch.no_grad()
+def score_steps(prm: PRM, tok, problems: list[str], steps_lists: list[list[str]], step_tag: str = "\n\n",
+                chat: bool = False, batch_tokens: int = 16384, max_len: int = 4096) -> list[list[float]]:
+    """Per-step P(correct) for each solution, one forward pass per solution, batched by tokens. Steps
+    that do not fit max_len get the last fitted step's score (so a list always matches its steps)."""
+    prm.eval()
+    dev = next(prm.parameters()).device
+    ex = [dict(zip(("ids", "tags"), encode(tok, p, s, step_tag, chat, max_len)), i=i)
+          for i, (p, s) in enumerate(zip(problems, steps_lists))]
+    out: list[list[float]] = [[] for _ in problems]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for batch in make_batches(ex, batch_tokens, random.Random(0)):
+        ids, mask, tb, tt, _ = collate(batch, pad, dev)
+        p = torch.sigmoid(prm(ids, mask, tb, tt).float()).tolist() if len(tt) else []
+        k = 0
+        for e in batch:
+            out[e["i"]] = p[k: k + len(e["tags"])]
+            k += len(e["tags"])
+    for i, s in enumerate(steps_lists):
+        out[i] = (out[i] + [out[i][-1] if out[i] else 0.5] * len(s))[: len(s)]
+    return out
+
+
+# ----------------------------------------------------------------------------- labels from rollouts
+def sample_solutions(gen, tok, problems: list[dict], args: Args) -> list[dict]:
+    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
+    outs = gen.sample(prompts, n=args.samples_per_problem, temperature=args.temperature,
+                      max_tokens=args.max_new_tokens, seed=args.seed)
+    rows = []
+    for p, pr, o in zip(problems, prompts, outs):
+        for s in o:
+            steps = split_steps(s.text)
+            if steps:
+                rows.append({"problem": p["problem"], "answer": p["answer"], "steps": steps, "prompt_ids": pr,
+                             "correct": bool(grade(s.text, p["answer"]))})
+    return rows
+
+
+def prefix_ids(tok, row: dict, k: int, step_tag: str) -> list[int]:
+    """Prompt + the first k steps, each followed by the separator, as the policy wrote them."""
+    ids = list(row["prompt_ids"])
+    for s in row["steps"][:k]:
+        ids += tok.encode(s + step_tag, add_special_tokens=False)
+    return ids
+
+
+def mc_estimate(gen, tok, rows: list[dict], ks: list[int], args: Args, salt: int) -> list[float]:
+    """Fraction of K policy completions of rows[i]'s first ks[i] steps that reach the gold answer."""
+    if not rows:
+        return []
+    prefixes = [prefix_ids(tok, r, k, "\n\n") for r, k in zip(rows, ks)]
+    outs = gen.sample(prefixes, n=args.rollouts, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                      seed=args.seed + 7919 * salt)
+    return [sum(grade(c.text, r["answer"]) for c in o) / len(o) for r, o in zip(rows, outs)]
+
+
+def label_mc(gen, tok, rows: list[dict], args: Args) -> int:
+    """Math-Shepherd: each step prefix of each solution gets an MC value. Returns rollouts spent.
+    With hard labels and first-error truncation, prefixes are estimated front to back and a solution
+    stops at its first zero: the steps after it are dropped anyway, so the labels are the same."""
+    hard_trunc = args.label_type == "hard" and args.first_error
+    for r in rows:
+        last = float(r["correct"])  # the last prefix is the whole solution
+        r["mc"] = [1.0] * (len(r["steps"]) - 1) + [last] if r["correct"] and args.label_type == "hard" else \
+            [None] * (len(r["steps"]) - 1) + [last]  # deviation 1
+    spent, k = 0, 1
+    while True:
+        todo = [i for i, r in enumerate(rows) if k < len(r["steps"]) and r["mc"][k - 1] is None
+                and not (hard_trunc and 0.0 in r["mc"][: k - 1])]
+        if not todo:
+            break
+        for i, v in zip(todo, mc_estimate(gen, tok, [rows[i] for i in todo], [k] * len(todo), args, salt=k)):
+            rows[i]["mc"][k - 1] = v
+        spent += len(todo) * args.rollouts
+        k += 1
+    for r in rows:
+        if hard_trunc and 0.0 in r["mc"]:  # after the first zero: unlabelled, dropped by truncation
+            z = r["mc"].index(0.0)
+            r["mc"] = r["mc"][: z + 1] + [0.0] * (len(r["mc"]) - z - 1)
+        r["labels"] = [v if args.label_type == "soft" else v > 0 for v in r["mc"]]  # Math-Shepherd SE / HE
+    return spent
+
+
+def label_omega(gen, tok, rows: list[dict], args: Args) -> int:
+    """OmegaPRM's binary search for the first error: lo = steps known to keep MC > 0, hi = a prefix
+    length known to have MC = 0 (the whole wrong solution). All searches advance together, one batched
+    MC estimate per round. Returns rollouts spent."""
+    spent, state = 0, {}
+    for i, r in enumerate(rows):
+        if r["correct"]:
+            r["labels"] = [True] * len(r["steps"])
+        else:
+            state[i] = [0, len(r["steps"])]
+    rnd = 0
+    while any(hi - lo > 1 for lo, hi in state.values()):
+        act = [i for i, (lo, hi) in state.items() if hi - lo > 1]
+        mids = [(state[i][0] + state[i][1]) // 2 for i in act]
+        values = mc_estimate(gen, tok, [rows[i] for i in act], mids, args, salt=100 + rnd)
+        spent += len(act) * args.rollouts
+        for i, m, v in zip(act, mids, values):
+            state[i][0 if v > 0 else 1] = m
+        rnd += 1
+    for i, (lo, hi) in state.items():
+        e = hi - 1  # first error: the step that takes the MC value to zero
+        rows[i]["labels"] = [True] * e + [False] + [False] * (len(rows[i]["steps"]) - e - 1)
+    return spent
+
+
+def exact_labels(row: dict) -> list[bool]:
+    """Toy checker: a step is good while no step up to it is wrong (what an MC label estimates)."""
+    from utils.toy import check_steps
+    fe = check_steps(row["problem"], row["steps"], row["answer"]).first_error
+    return [fe == -1 or i < fe for i in range(len(row["steps"]))]
+
+
+def to_stepwise(rows: list[dict], first_error: bool) -> list[dict]:
+    out = [{"prompt": r["problem"], "completions": r["steps"], "labels": r["labels"]} for r in rows]
+    return [first_error_truncate(r) if first_error else r for r in out]
+
+
+# ----------------------------------------------------------------------------- evaluation (ProcessBench)
+def first_error_prediction(scores: list[float], threshold: float) -> int:
+    return next((i for i, p in enumerate(scores) if p < threshold), -1)
+
+
+def processbench_f1(preds: list[int], labels: list[int]) -> dict:
+    """ProcessBench: accuracy on erroneous solutions (exact earliest-error index), on correct ones
+    (predict -1), and their harmonic mean."""
+    err = [p == y for p, y in zip(preds, labels) if y != -1]
+    cor = [p == -1 for p, y in zip(preds, labels) if y == -1]
+    a_err, a_cor = sum(err) / max(1, len(err)), sum(cor) / max(1, len(cor))
+    f1 = 2 * a_err * a_cor / (a_err + a_cor) if a_err + a_cor else 0.0
+    return {"f1": f1, "acc_erroneous": a_err, "acc_correct": a_cor, "n_erroneous": len(err), "n_correct": len(cor)}
+
+
+def evaluate(prm, tok, rows: list[dict], args: Args) -> dict:
+    """ProcessBench F1 at the threshold (and a sweep), plus step accuracy on the labelled steps."""
+    scores = score_steps(prm, tok, [r["problem"] for r in rows], [r["steps"] for r in rows], args.step_tag,
+                         args.chat, args.batch_tokens, args.max_len)
+    labels = [r["label"] for r in rows]
+    res = processbench_f1([first_error_prediction(s, args.threshold) for s in scores], labels)
+    res["sweep"] = {f"{t:.1f}": round(processbench_f1([first_error_prediction(s, t) for s in scores], labels)["f1"], 4)
+                    for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
+    hits = [(p >= args.threshold) == (y == -1 or i < y)
+            for s, y in zip(scores, labels) for i, p in enumerate(s) if y == -1 or i <= y]
+    res["step_acc"] = sum(hits) / max(1, len(hits))
+    return res
+
+
+def toy_processbench(gen, tok, problems: list[dict], args: Args) -> list[dict]:
+    """Policy samples on held-out toy problems, labelled by the exact checker (ProcessBench's fields)."""
+    from utils.toy import check_steps
+    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
+    outs = gen.sample(prompts, n=1, temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed + 1)
+    rows = []
+    for p, o in zip(problems, outs):
+        steps = split_steps(o[0].text) or [o[0].text]
+        c = check_steps(p["problem"], steps, p["answer"])
+        rows.append({"problem": p["problem"], "steps": steps, "label": c.first_error,
+                     "final_answer_correct": c.answer_correct})
+    return rows
+
+
+# ----------------------------------------------------------------------------- training
+def train(name: str, init: str, stepwise: list[dict], args: Args, dist, log) -> tuple:
+    """Fine-tune a PRM from `init` on stepwise rows; saves out_dir/<name>/ (HF dir + prm.json)."""
+    out = Path(args.out_dir) / name
+    seed_all(args.seed)
+    dtype = torch.float32
+    prm, tok = build_prm(init, args.head, args.pos_token, args.neg_token, dtype)
+    if args.grad_ckpt:
+        prm.model.gradient_checkpointing_enable()
+    examples = []
+    for r in stepwise:
+        ids, tags = encode(tok, r["prompt"], r["completions"], args.step_tag, args.chat, args.max_len)
+        if tags:
+            examples.append({"ids": ids, "tags": tags, "labels": [float(y) for y in r["labels"][: len(tags)]]})
+    if not examples:
+        raise ValueError(f"{name}: no labelled steps to train on")
+    rng = random.Random(args.seed)
+    epochs = math.ceil(args.epochs)
+    batches = []
+    for ep in range(epochs):
+        b = make_batches(examples, args.batch_tokens, rng)
+        batches += b[: round(len(b) * min(1.0, args.epochs - ep))]
+    per_rank = len(batches) // dist.world
+    batches = batches[dist.rank * per_rank: (dist.rank + 1) * per_rank]  # same count on every rank
+    total = per_rank // args.grad_accum
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    start = 0
+    ckpt = latest_checkpoint(out) if args.resume else None
+    if ckpt:
+        prm.model.load_state_dict(type(prm.model).from_pretrained(ckpt, dtype=dtype).state_dict())
+        start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    prm.to(dist.device)
+    model = torch.nn.parallel.DistributedDataParallel(prm) if dist.on else prm
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warm = max(1, int(args.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+    if ckpt and (ckpt / "optimizer.pt").exists():
+        st = torch.load(ckpt / "optimizer.pt", map_location="cpu")
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and dist.device.type == "cuda")
+    model.train()
+    bar = tqdm(range(start, total), desc=f"train {name}", disable=not dist.main)
+    for step in bar:
+        tot_loss, tot_hit, tot_n = 0.0, 0, 0
+        for micro in batches[step * args.grad_accum: (step + 1) * args.grad_accum]:
+            ids, mask, tb, tt, y = collate(micro, pad, dist.device)
+            with autocast:
+                z = model(ids, mask, tb, tt).float()  # (N,)
+            loss = F.binary_cross_entropy_with_logits(z, y)  # soft targets: -[q log p + (1-q) log(1-p)]
+            (loss / args.grad_accum).backward()
+            tot_loss += loss.item() / args.grad_accum
+            tot_hit += int(((z > 0) == (y >= 0.5)).sum())
+            tot_n += len(y)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{tot_loss:.4f}", acc=f"{tot_hit / max(1, tot_n):.3f}")
+        log.log(step + 1, **{f"train/{name}/loss": tot_loss, f"train/{name}/tag_acc": tot_hit / max(1, tot_n),
+                             f"train/{name}/grad_norm": float(gn), f"train/{name}/lr": sched.get_last_lr()[0]})
+        if args.save_every and (step + 1) % args.save_every == 0 and dist.main:
+            p = save_checkpoint(out, step + 1, unwrap(model).model, tok)
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, p / "optimizer.pt")
+    prm = unwrap(model)
+    if dist.main:
+        prm.model.save_pretrained(out)
+        tok.save_pretrained(out)
+        meta = {"head": args.head, "pos_token": args.pos_token, "neg_token": args.neg_token,
+                "step_tag": args.step_tag, "chat": args.chat, "labels": name, "train_steps": total,
+                "train_solutions": len(examples), "train_tags": sum(len(e["tags"]) for e in examples)}
+        (out / "prm.json").write_text(json.dumps(meta, indent=2))
+    return prm.eval(), tok
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    t0 = time.time()
+    dist = setup_dist()
+    seed_all(args.seed)
+    out = Path(args.out_dir)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(args))
+    log = MetricsLog(out, enabled=dist.main)
+    toy = not args.model
+    if toy:
+        from utils.toy import ensure_toy
+        tdir = Path(args.toy_dir) if args.toy_dir else ensure_toy()
+        args.model = str(tdir / "policy")
+        args.data = args.data or str(tdir / "train.jsonl")
+        toy_test = read_jsonl(tdir / "test.jsonl")
+    policy = args.policy or args.model
+    sources = [args.labels] + [b for b in args.baselines.split(",") if b]
+    if "exact" in sources and not toy:
+        raise ValueError("--labels exact needs the toy world's checker (leave --model empty)")
+    results, gen, tok = {"labels": args.labels}, None, None
+
+    # 1. solutions and labels (cached in out_dir/solutions.jsonl, so a rerun or --resume skips this)
+    sol_path = out / "solutions.jsonl"
+    if args.labels.endswith(".jsonl"):
+        stepwise = {args.labels: read_jsonl(args.labels, required=("prompt", "completions", "labels"))}
+        rows = []
+    else:
+        spent = json.loads((out / "labelling.json").read_text()) if (out / "labelling.json").exists() else {}
+        if sol_path.exists():  # a rerun labels the cached solutions with any new source only
+            rows = read_jsonl(sol_path)
+        else:
+            gen = load_backend(policy, backend=args.backend, max_model_len=args.max_len)
+            problems = load_problems(args.data, args.n_problems or None)
+            t = time.time()
+            rows = gather_lists(dist, sample_solutions(gen, gen.tokenizer, problems[dist.rank::dist.world], args))
+            if dist.main:
+                print(f"sampled {len(rows)} solutions ({sum(r['correct'] for r in rows)} right) in {time.time() - t:.0f}s")
+        missing = [src for src in sources if f"labels_{src}" not in rows[0]] if rows else []
+        if missing:
+            mine = rows[dist.rank::dist.world]  # each rank labels a slice, then all gather
+            for src in missing:
+                t = time.time()
+                if src in ("mc", "omega"):
+                    if gen is None:
+                        gen = load_backend(policy, backend=args.backend, max_model_len=args.max_len)
+                    for r in mine:
+                        r["prompt_ids"] = gen.tokenizer.encode(build_prompt(r["problem"], gen.tokenizer, args.chat),
+                                                               add_special_tokens=False)
+                    n = sum(gather_lists(dist, [(label_mc if src == "mc" else label_omega)(gen, gen.tokenizer, mine, args)]))
+                    for r in mine:
+                        r[f"labels_{src}"] = r.pop("labels")
+                    spent[src] = {"rollouts": n, "solutions": len(rows), "seconds": time.time() - t}
+                elif src == "outcome":
+                    for r in mine:
+                        r["labels_outcome"] = [r["correct"]] * len(r["steps"])
+                elif src == "exact":
+                    for r in mine:
+                        r["labels_exact"] = exact_labels(r)
+                else:
+                    raise ValueError(f"unknown label source {src!r} (mc, omega, outcome, exact or a .jsonl)")
+            rows = gather_lists(dist, mine)
+            if dist.main:
+                write_jsonl(sol_path, [{k: v for k, v in r.items() if k not in ("prompt_ids", "mc")} for r in rows])
+                write_json(out / "labelling.json", spent)
+        stepwise = {}
+        for src in sources:  # an ORM's every step carries the outcome: no first-error truncation there
+            stepwise[src] = to_stepwise([{**r, "labels": r[f"labels_{src}"]} for r in rows],
+                                        args.first_error and src != "outcome")
+        for src, s in spent.items():
+            results[f"rollouts_per_solution/{src}"] = s["rollouts"] / max(1, s["solutions"])
+            if dist.main:
+                print(f"{src}: {s['rollouts']} rollouts for {s['solutions']} solutions "
+                      f"({s['rollouts'] / max(1, s['solutions']):.1f} per labelled solution)")
+        if toy and rows:
+            exact = [exact_labels(r) for r in rows]
+            for src in ("mc", "omega"):
+                if f"labels_{src}" in rows[0]:
+                    pairs = [(bool(a >= 0.5), b) for r, ex in zip(rows, exact)
+                             for a, b in zip(to_stepwise([{**r, "labels": r[f"labels_{src}"]}], args.first_error)[0]["labels"], ex)]
+                    results[f"{src}_label_agreement"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
+        results["n_solutions"] = len(rows)
+        results["solution_accuracy"] = sum(r["correct"] for r in rows) / max(1, len(rows))
+
+    # 2. evaluation set: given ProcessBench-format rows, or fresh policy samples on toy test problems
+    eval_rows = []
+    if args.eval_data:
+        eval_rows = read_jsonl(args.eval_data, required=("problem", "steps", "label"))
+    elif toy and dist.main:
+        ev_path = out / "toy_processbench.jsonl"
+        if ev_path.exists():
+            eval_rows = read_jsonl(ev_path)
+        else:
+            gen = gen or load_backend(policy, backend=args.backend, max_model_len=args.max_len)
+            eval_rows = toy_processbench(gen, gen.tokenizer, toy_test[: args.eval_problems], args)
+            write_jsonl(ev_path, eval_rows)
+        results["eval_error_rate"] = sum(r["label"] != -1 for r in eval_rows) / max(1, len(eval_rows))
+    del gen
+
+    # 3. train one PRM per label source on the same solutions and the same number of steps; evaluate
+    for src, rows_src in stepwise.items():
+        name = Path(src).stem if src.endswith(".jsonl") else src
+        prm, tok = train(name, args.model, rows_src, args, dist, log)
+        if dist.main and eval_rows:
+            ev = evaluate(prm, tok, eval_rows, args)
+            results[f"eval/{name}"] = ev
+            print(f"{name:8s} ProcessBench F1 {ev['f1']:.3f} (erroneous {ev['acc_erroneous']:.3f}, "
+                  f"correct {ev['acc_correct']:.3f}), step acc {ev['step_acc']:.3f}, sweep {ev['sweep']}")
+    if dist.main and eval_rows and (out / "eval.json").exists():  # keep PRMs trained by earlier runs here
+        results = {**{k: v for k, v in json.loads((out / "eval.json").read_text()).items() if k.startswith("eval/")},
+                   **results}
+    if dist.main and eval_rows:
+        head = results.get(f"eval/{Path(args.labels).stem if args.labels.endswith('.jsonl') else args.labels}", {})
+        results["toy_processbench_f1" if toy else "processbench_f1"] = head.get("f1")
+        results["step_acc"] = head.get("step_acc")
+        for b in ("outcome", "exact", "mc", "omega"):
+            if f"eval/{b}" in results and b != args.labels:
+                results[{"exact": "exact_label_f1"}.get(b, f"{b}_f1")] = results[f"eval/{b}"]["f1"]
+        results["mc_label_agreement"] = results.get("mc_label_agreement", results.get("omega_label_agreement"))
+        results["wall_s"] = time.time() - t0
+        write_json(out / "eval.json", results)
+        print(json.dumps({k: v for k, v in results.items() if not k.startswith("eval/")}, indent=2))
+    if dist.on:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, TOY))

@@ -1,0 +1,167 @@
+"""prm_train.py: encoding, heads, label makers (against a mock policy), ProcessBench F1, training, and
+end-to-end runs on the toy world and on real data formats."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prm_train as P
+from utils.data import SHARED_DATA, from_processbench, from_prm800k, read_jsonl, write_jsonl
+from utils.generation import Sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_encode_appends_tags_at_token_level(tok):
+    ids, tags = P.encode(tok, "What is 1+1?", ["1 + 1 = 2.", "The answer is \\boxed{2}."], "\n\n")
+    prompt = tok.encode(P.build_prompt("What is 1+1?"), add_special_tokens=False)
+    s1, s2, sep = (tok.encode(x, add_special_tokens=False) for x in ("1 + 1 = 2.", "The answer is \\boxed{2}.", "\n\n"))
+    assert ids == prompt + s1 + sep + s2 + sep
+    assert tags == [len(prompt + s1 + sep) - 1, len(ids) - 1] and len(tags) == 2
+    _, cut = P.encode(tok, "q", ["a" * 50, "b" * 50], "\n\n", max_len=len(prompt) + 60)
+    assert len(cut) == 1  # the step past max_len is dropped, not truncated mid-step
+
+
+def test_lm2_head_is_two_way_softmax_at_tags(tiny_model_dir, tok):
+    prm, _ = P.build_prm(str(tiny_model_dir), "lm2", "+", "-")
+    ids, tags = P.encode(tok, "q", ["x = 1", "y = 2"], "\n\n")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        z = prm(x, torch.ones_like(x), torch.tensor([0, 0]), torch.tensor(tags))
+        full = prm.model(input_ids=x).logits[0]  # (T, V)
+    pos, neg = tok.encode("+", add_special_tokens=False)[0], tok.encode("-", add_special_tokens=False)[0]
+    want = torch.softmax(full[tags][:, [pos, neg]], -1)[:, 0]
+    assert torch.allclose(torch.sigmoid(z), want, atol=1e-5)
+    with pytest.raises(ValueError):
+        P.build_prm(str(tiny_model_dir), "lm2", "++", "-")  # label tokens must be single tokens
+
+
+def test_processbench_f1_by_hand():
+    # erroneous: labels 1, 2 (predicted 1, 0) -> 0.5; correct: 3 rows (predicted -1, -1, 0) -> 2/3
+    r = P.processbench_f1([1, 0, -1, -1, 0], [1, 2, -1, -1, -1])
+    assert r["acc_erroneous"] == 0.5 and abs(r["acc_correct"] - 2 / 3) < 1e-9
+    assert abs(r["f1"] - 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)) < 1e-9
+    assert P.first_error_prediction([0.9, 0.4, 0.2], 0.5) == 1 and P.first_error_prediction([0.9, 0.8], 0.5) == -1
+
+
+class MockPolicy:
+    """Completions reach the answer 7 iff the prefix holds no step marked BAD; counts rollouts."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def sample(self, prompts, n=1, **_):
+        out = []
+        for p in prompts:
+            self.calls += n
+            ok = "BAD" not in self.tok.decode(p)
+            out.append([Sample([], "so \\boxed{7}" if ok else "so \\boxed{3}", [], "eos") for _ in range(n)])
+        return out
+
+
+def _rows(tok, first_bad: list[int], m: int = 8):
+    rows = []
+    for fb in first_bad:
+        steps = [f"step {i} BAD" if fb != -1 and i >= fb else f"step {i} ok" for i in range(m)]
+        rows.append({"problem": "q", "answer": "7", "steps": steps, "correct": fb == -1,
+                     "prompt_ids": tok.encode("Q:", add_special_tokens=False)})
+    return rows
+
+
+def test_mc_labels_match_the_first_error(tok):
+    args = P.Args(rollouts=3)
+    rows = _rows(tok, [-1, 0, 3, 7])
+    gen = MockPolicy(tok)
+    spent = P.label_mc(gen, tok, rows, args)
+    assert [r["labels"] for r in rows] == [[True] * 8, [False] * 8, [True] * 3 + [False] * 5, [True] * 7 + [False]]
+    assert spent == gen.calls == 3 * (1 + 4 + 7)  # front to back, each wrong solution stops at its first zero
+    full = _rows(tok, [-1, 0, 3, 7])
+    spent = P.label_mc(MockPolicy(tok), tok, full, P.Args(rollouts=3, first_error=False))
+    assert spent == 3 * 7 * 3 and full[2]["labels"] == [True] * 3 + [False] * 5  # every prefix of the 3 wrong ones
+    soft = _rows(tok, [3])
+    P.label_mc(MockPolicy(tok), tok, soft, P.Args(rollouts=2, label_type="soft"))
+    assert soft[0]["labels"] == [1.0] * 3 + [0.0] * 5
+
+
+def test_omega_binary_search_spends_log_rollouts(tok):
+    args = P.Args(rollouts=4)
+    rows = _rows(tok, [-1, 0, 3, 5, 7])
+    gen = MockPolicy(tok)
+    spent = P.label_omega(gen, tok, rows, args)
+    for r, fb in zip(rows, [-1, 0, 3, 5, 7]):
+        want = [True] * 8 if fb == -1 else [True] * fb + [False] * (8 - fb)
+        assert r["labels"] == want
+    assert spent == gen.calls == 4 * 3 * 4  # 4 wrong solutions x log2(8) rounds x K, versus 4 x 7 x K for mc
+
+
+def test_training_fits_small_data(tiny_model_dir, tmp_path):
+    """8 solutions whose error is a visible marker: the PRM must fit them (loss falls, accuracy 1)."""
+    rows = [{"prompt": f"q{i}", "completions": [f"a{i}", "oops" if i % 2 else f"b{i}"], "labels": [True, i % 2 == 0]}
+            for i in range(8)]
+    args = P.Args(out_dir=str(tmp_path), lr=3e-3, epochs=60, batch_tokens=4096, warmup_ratio=0.0, head="cls")
+    dist = P.setup_dist()
+    prm, tok = P.train("fit", str(tiny_model_dir), rows, args, dist, P.MetricsLog(tmp_path))
+    losses = [json.loads(l)["train/fit/loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.1 * losses[0]
+    scores = P.score_steps(prm, tok, [r["prompt"] for r in rows], [r["completions"] for r in rows])
+    assert all((s >= 0.5) == y for r, sc in zip(rows, scores) for s, y in zip(sc, r["labels"]))
+    from transformers import AutoModelForTokenClassification
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "fit").config.num_labels == 2
+    prm2, _, meta = P.load_prm(str(tmp_path / "fit"))
+    assert meta["head"] == "cls" and P.score_steps(prm2, tok, ["q1"], [["a1", "oops"]])[0][1] < 0.5
+
+
+def _run(args, timeout=900, torchrun=False):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable])
+    r = subprocess.run(cmd + ["prm_train.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_end_to_end_toy(tiny_toy_dir, tmp_path):
+    out = tmp_path / "prm"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--n_problems", "6", "--samples_per_problem", "2",
+          "--rollouts", "2", "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1"])
+    ev = json.loads((out / "eval.json").read_text())
+    for k in ("toy_processbench_f1", "step_acc", "mc_label_agreement", "outcome_f1", "exact_label_f1",
+              "rollouts_per_solution/mc"):
+        assert ev[k] is not None, k
+    assert 0 <= ev["toy_processbench_f1"] <= 1
+    for name in ("mc", "outcome", "exact"):
+        assert (out / name / "prm.json").exists()
+    logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logs and all(v == v and abs(v) < 1e6 for row in logs for k, v in row.items() if k.endswith("loss"))
+
+
+def test_real_formats_smoke(tiny_model_dir, tmp_path):
+    """A few steps on PRM800K and on ProcessBench-derived rows, evaluated on ProcessBench rows."""
+    prm800k = [from_prm800k(r) for r in read_jsonl(SHARED_DATA / "prm800k_sample.jsonl")[:8]]
+    pb = read_jsonl(SHARED_DATA / "processbench_gsm8k.jsonl")[:16]
+    write_jsonl(tmp_path / "prm800k.jsonl", [r for r in prm800k if r["completions"]])
+    write_jsonl(tmp_path / "pb_train.jsonl", [from_processbench(r) for r in pb[:8]])
+    write_jsonl(tmp_path / "pb_eval.jsonl", pb[8:])
+    for labels, head in (("prm800k.jsonl", "lm2"), ("pb_train.jsonl", "cls")):
+        out = tmp_path / f"run_{head}"
+        _run(["--model", str(tiny_model_dir), "--labels", str(tmp_path / labels), "--head", head, "--out_dir", str(out),
+              "--eval_data", str(tmp_path / "pb_eval.jsonl"), "--max_steps", "2", "--batch_tokens", "4096",
+              "--max_len", "512"])
+        ev = json.loads((out / "eval.json").read_text())
+        assert 0 <= ev["processbench_f1"] <= 1
+
+
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
+    rows = [from_processbench(r) for r in read_jsonl(SHARED_DATA / "processbench_gsm8k.jsonl")[:8]]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "ddp"
+    _run(["--model", str(tiny_model_dir), "--labels", str(tmp_path / "train.jsonl"), "--out_dir", str(out),
+          "--max_steps", "2", "--batch_tokens", "2048", "--max_len", "512"], torchrun=True)
+    assert (out / "train" / "prm.json").exists()

@@ -1,0 +1,110 @@
+"""search.py: aggregation and selection by hand, beam/DVTS mechanics on a mock policy with an oracle,
+and an end-to-end run on the toy world."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import search as S
+from utils.generation import Sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_aggregations_by_hand():
+    s = [0.9, 0.5, 0.8]
+    assert S.aggregate(s, "last") == 0.8 and S.aggregate(s, "min") == 0.5
+    assert abs(S.aggregate(s, "prod") - 0.36) < 1e-12 and abs(S.aggregate(s, "mean") - 2.2 / 3) < 1e-12
+    with pytest.raises(ValueError):
+        S.aggregate(s, "max")
+
+
+def test_selection_rules():
+    answers = ["3", "\\frac{6}{2}", "4", "4", "4", None]
+    scores = [0.9, 0.8, 0.2, 0.3, 0.1, 0.99]
+    g = S.AnswerGroups()
+    assert S.majority(answers, g) == "4"  # 3 votes for 4, 2 for 3 (grouped by equivalence)
+    assert S.best_of_n(answers, scores) == "3"  # highest score with an answer (None is skipped)
+    assert S.weighted_vote(answers, scores, g) == "3"  # 1.7 for 3 vs 0.6 for 4
+    assert S.majority([None, None], S.AnswerGroups()) is None
+
+
+class StepPolicy:
+    """Each step is 'good' or 'bad' at random; a solution has 3 steps and then the answer step.
+    Its answer is right iff every step was good. Prefix ids carry the step texts (char tokenizer)."""
+
+    def __init__(self, tok, seed=0):
+        import random
+        self.tok, self.rng, self.calls = tok, random.Random(seed), 0
+
+    def _one(self, prefix, to_end):
+        text = self.tok.decode(prefix)
+        done_steps = text.count("step")
+        out = ""
+        while True:
+            if done_steps >= 3:
+                bad = "bad" in text + out
+                out += f"The answer is \\boxed{{{3 if bad else 7}}}."
+                return Sample(self.tok.encode(out, add_special_tokens=False) + [self.tok.eos_token_id], out, [], "eos")
+            out += ("step good" if self.rng.random() < 0.5 else "step bad") + "\n\n"
+            done_steps += 1
+            if not to_end:
+                return Sample(self.tok.encode(out, add_special_tokens=False), out, [], "stop")
+
+    def sample(self, prompts, n=1, stop=None, **_):
+        self.calls += 1
+        return [[self._one(p, not stop) for _ in range(n)] for p in prompts]
+
+    def step(self, prefixes, n=1, **kw):
+        return self.sample(prefixes, n=n, stop=["\n\n"], **kw)
+
+
+def step_oracle(problems, steps_lists, golds):
+    return [[0.0 if "bad" in s or "{3}" in s else 1.0 for s in steps] for steps in steps_lists]
+
+
+@pytest.mark.parametrize("diverse", [False, True])
+def test_beam_and_dvts_find_the_good_path_with_an_oracle(tiny_model_dir, diverse):
+    """With N=16, M=4 and an oracle, search nearly always finds an all-good path (P = 1/8 per sample),
+    far more often than one sample does."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gen = StepPolicy(tok)
+    args = S.Args(max_depth=6, agg="min", max_tokens=50)
+    prompts = [tok.encode(f"Q{i}:", add_special_tokens=False) for i in range(20)]
+    ledger = {"calls": 0, "tokens": 0}
+    pool = S.beam_search(gen, ["q"] * 20, prompts, ["7"] * 20, 16, 4, step_oracle, args, ledger, diverse=diverse)
+    wins = 0
+    for i, done in pool.items():
+        assert done and all(b.done for b in done)
+        best = max(done, key=lambda b: b.score)
+        wins += "\\boxed{7}" in tok.decode(best.ids[len(prompts[i]):])
+    assert wins >= 17
+    assert ledger["tokens"] > 0 and ledger["calls"] >= 4  # one batched call per depth for all problems
+
+
+def test_end_to_end_toy(tiny_toy_dir, tmp_path):
+    """Train two tiny PRMs with prm_train.py, then run every strategy; results.json holds the contract."""
+    prm_out = tmp_path / "prm"
+    r = subprocess.run([sys.executable, "prm_train.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(prm_out),
+                        "--n_problems", "4", "--samples_per_problem", "2", "--rollouts", "2", "--max_new_tokens", "40",
+                        "--eval_problems", "4", "--epochs", "1", "--baselines", "outcome"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "search"
+    r = subprocess.run([sys.executable, "search.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out),
+                        "--prm", str(prm_out / "mc"), "--orm", str(prm_out / "outcome"), "--n_problems", "3",
+                        "--ns", "1,4,8", "--search_ns", "4,8", "--max_depth", "2", "--max_tokens", "30"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for m in ("maj", "bon", "weighted", "bon_orm", "weighted_oracle"):
+        for n in (1, 4, 8):
+            assert 0 <= res[f"{m}@{n}"] <= 1 and res[f"tokens/{m}@{n}"] >= 0
+    for m in ("beam", "dvts"):
+        assert 0 <= res[f"{m}@4"] <= 1 and res[f"tokens/{m}@8"] > 0
+    assert (out / "scaling.md").read_text().count("| maj |") == 1
+    rows = [json.loads(l) for l in (out / "problems.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and len(rows[0]["completions"]) == 8
