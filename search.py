@@ -69,7 +69,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
-TOY = dict(n_problems=100, search_ns="4,8,16", max_depth=6, max_tokens=160, temperature=1.0, agg="min", backend="hf")
+TOY = dict(n_problems=100, search_ns="4,8,16", max_depth=6, max_tokens=160, temperature=1.0, backend="hf")
 
 
 # ----------------------------------------------------------------------------- aggregation and selection

@@ -3,6 +3,7 @@
 No losses or algorithms live here."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -14,6 +15,10 @@ from pathlib import Path
 import torch
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the script's docstring kept as written."""
+
+
 def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
     """Parse `args_cls` (a dataclass whose fields carry metadata["help"]) with HfArgumentParser.
     When the user leaves `model` empty the toy world is used, and `toy_overrides` replace the paper
@@ -21,7 +26,11 @@ def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(args=argv)
+    epilog = ("with --model empty (the toy world) these replace the defaults above: " +
+              ", ".join(f"{k}={v!r}" for k, v in (toy_overrides or {}).items())) if toy_overrides else None
+    parser = HfArgumentParser(args_cls, description=sys.modules["__main__"].__doc__, epilog=epilog,
+                              formatter_class=_HelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     if toy_overrides and not getattr(args, "model", None):
         given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
         for k, v in toy_overrides.items():
