@@ -14,6 +14,7 @@ import pytest
 
 import eval as E
 from utils import toy
+from utils.data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,7 @@ def _run(args, timeout=900):
     return r
 
 
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_full_math500_and_gsm8k_end_to_end(long_model_dir, tmp_path):
     out = tmp_path / "ev"
     _run(["--model", str(long_model_dir), "--data", "math500,gsm8k_test", "--n", "2", "--k", "1,2",
@@ -81,12 +83,19 @@ def test_full_math500_and_gsm8k_end_to_end(long_model_dir, tmp_path):
 
 def test_processbench_and_rerank_with_a_prm(tiny_model_dir, tmp_path):
     import prm_train as P
-    from utils.data import from_processbench, read_jsonl, write_jsonl, SHARED_DATA
-    rows = [from_processbench(r) for r in read_jsonl(SHARED_DATA / "processbench_gsm8k.jsonl")[:6]]
+    from utils.data import write_jsonl
+    rng, pb_rows = random.Random(1), []
+    for _ in range(20):  # ProcessBench-format rows from the toy world (the real files may be absent)
+        p = toy.make_problem(rng, rng.randint(1, 3))
+        steps = toy.solve(p, rng, {"misread": 0.5, "slip": 0.3})
+        pb_rows.append({"problem": p["problem"], "steps": steps,
+                        "label": toy.check_steps(p["problem"], steps, p["answer"]).first_error})
+    rows = [{"prompt": r["problem"], "completions": r["steps"], "labels": [i != r["label"] for i in range(len(r["steps"]))]}
+            for r in pb_rows[:6]]
     args = P.Args(out_dir=str(tmp_path), max_steps=2, batch_tokens=2048, max_len=512)
     P.train("prm", str(tiny_model_dir), rows, args, P.setup_dist(), P.MetricsLog(tmp_path, enabled=False))
     pb = tmp_path / "processbench_small.jsonl"
-    write_jsonl(pb, read_jsonl(SHARED_DATA / "processbench_gsm8k.jsonl")[10:30])
+    write_jsonl(pb, pb_rows[6:])
     out = tmp_path / "pb"
     _run(["--prm", str(tmp_path / "prm"), "--processbench", str(pb),
           "--out_dir", str(out)])

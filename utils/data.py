@@ -13,7 +13,8 @@ from pathlib import Path
 STEP_SEP = "\n\n"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {problem}\nAnswer:\n"
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# the benchmark files; $STEPWISE_DATA points elsewhere (e.g. a clone outside the workspace)
+SHARED_DATA = Path(os.environ.get("STEPWISE_DATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 
 
 class DataError(ValueError):
