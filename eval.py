@@ -12,7 +12,7 @@ exact checker) with an "every step correct" baseline (F1 0 by definition) and th
 best-of-k reranking of a samples file with a PRM.
 
     python eval.py                                          # toy: policy on the toy test split (+ toy PRM)
-    python eval.py --model DIR --data math500,gsm8k_test --n 16 --k 1,4,16 --temperature 0.7 --out_dir OUT
+    python eval.py --model DIR --data math500,gsm8k_test --n_samples 16 --k 1,4,16 --temperature 0.7 --out_dir OUT
     python eval.py --prm runs/prm/mc --processbench processbench_gsm8k,processbench_math --out_dir OUT
     python eval.py --prm runs/prm/mc --rerank OUT/math500/samples.jsonl --k 1,4,16
     python eval.py --compare runs/eval_a,runs/eval_b
@@ -41,7 +41,7 @@ class Args:
     model: str = field(default="", metadata={"help": "policy to evaluate (HF dir or hub id); empty: the toy policy"})
     data: str = field(default="", metadata={"help": "comma list of benchmark JSONL paths or shared/data names (default: toy test)"})
     limit: int = field(default=0, metadata={"help": "first n problems of each benchmark (0: all)"})
-    n: int = field(default=1, metadata={"help": "samples per problem"})
+    n_samples: int = field(default=1, metadata={"help": "samples per problem (n of pass@k)"})
     k: str = field(default="1", metadata={"help": "comma list of k for pass@k and maj@k (k <= n)"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy (Qwen2.5-Math's pass@1 protocol)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
@@ -62,7 +62,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
-TOY = dict(n=16, k="1,4,16", temperature=1.0, max_tokens=200, backend="hf", toy_processbench=500,
+TOY = dict(n_samples=16, k="1,4,16", temperature=1.0, max_tokens=200, backend="hf", toy_processbench=500,
            prm="runs/prm/mc")
 
 
@@ -145,7 +145,7 @@ def eval_benchmark(gen, name: str, problems: list[dict], args: Args, dist, out: 
     for s in range(0, len(todo), args.batch_problems):
         idx = todo[s: s + args.batch_problems]
         prompts = [build_prompt(problems[i]["problem"], tok, args.chat) for i in idx]
-        outs = gen.sample([tok.encode(p, add_special_tokens=False) for p in prompts], n=args.n,
+        outs = gen.sample([tok.encode(p, add_special_tokens=False) for p in prompts], n=args.n_samples,
                           temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                           seed=args.seed + idx[0])
         rows = []
