@@ -460,7 +460,7 @@ def main(args: Args):
     sources = [args.labels] + [b for b in args.baselines.split(",") if b]
     if "exact" in sources and not toy:
         raise ValueError("--labels exact needs the toy world's checker (leave --model empty)")
-    results, gen, tok = {"labels": args.labels}, None, None
+    results, gen = {"labels": args.labels}, None
 
     # 1. solutions and labels (cached in out_dir/solutions.jsonl, so a rerun or --resume skips this)
     sol_path = out / "solutions.jsonl"

@@ -28,7 +28,6 @@ Deviations from search-and-learn:
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.data import build_prompt, load_problems, read_jsonl, split_steps, write_jsonl
+from utils.data import build_prompt, load_problems, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, is_equiv, normalize
 from utils.train import parse_args, seed_all, write_json
