@@ -333,12 +333,17 @@ def processbench_f1(preds: list[int], labels: list[int]) -> dict:
     return {"f1": f1, "acc_erroneous": a_err, "acc_correct": a_cor, "n_erroneous": len(err), "n_correct": len(cor)}
 
 
-def evaluate(prm, tok, rows: list[dict], args: Args) -> dict:
-    """ProcessBench F1 at the threshold (and a sweep), plus step accuracy on the labelled steps."""
+def evaluate(prm, tok, rows: list[dict], args: Args, kinds: list[str] | None = None) -> dict:
+    """ProcessBench F1 at the threshold (and a sweep), plus step accuracy on the labelled steps; with
+    `kinds` (the kind of each row's first error), how many of each kind the PRM locates."""
     scores = score_steps(prm, tok, [r["problem"] for r in rows], [r["steps"] for r in rows], args.step_tag,
                          args.chat, args.batch_tokens, args.max_len)
     labels = [r["label"] for r in rows]
-    res = processbench_f1([first_error_prediction(s, args.threshold) for s in scores], labels)
+    preds = [first_error_prediction(s, args.threshold) for s in scores]
+    res = processbench_f1(preds, labels)
+    if kinds:
+        res["by_first_error"] = {k: {"found": sum(p == y for p, y, kk in zip(preds, labels, kinds) if kk == k),
+                                     "n": kinds.count(k)} for k in sorted(set(kinds))}
     res["sweep"] = {f"{t:.1f}": round(processbench_f1([first_error_prediction(s, t) for s in scores], labels)["f1"], 4)
                     for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
     hits = [(p >= args.threshold) == (y == -1 or i < y)
@@ -538,13 +543,17 @@ def main(args: Args):
             write_jsonl(ev_path, eval_rows)
         results["eval_error_rate"] = sum(r["label"] != -1 for r in eval_rows) / max(1, len(eval_rows))
     del gen
+    kinds = None
+    if toy and eval_rows and not args.eval_data:
+        from utils.toy import first_error_kind
+        kinds = [first_error_kind(r["problem"], r["steps"]) for r in eval_rows]
 
     # 3. train one PRM per label source on the same solutions and the same number of steps; evaluate
     for src, rows_src in stepwise.items():
         name = Path(src).stem if src.endswith(".jsonl") else src
         prm, tok = train(name, args.model, rows_src, args, dist, log)
         if dist.main and eval_rows:
-            ev = evaluate(prm, tok, eval_rows, args)
+            ev = evaluate(prm, tok, eval_rows, args, kinds)
             results[f"eval/{name}"] = ev
             print(f"{name:8s} ProcessBench F1 {ev['f1']:.3f} (erroneous {ev['acc_erroneous']:.3f}, "
                   f"correct {ev['acc_correct']:.3f}), step acc {ev['step_acc']:.3f}, sweep {ev['sweep']}")

@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,35 @@ def test_no_correctness_marker_in_text():
         for s, ok in zip(steps, c.step_correct):
             (good if ok else bad).add(shape(s).replace("+", "o").replace("-", "o").replace("*", "o").replace("/", "o"))
     assert bad <= good
+
+
+def test_drill_rows_teach_only_correct_arithmetic(tmp_path):
+    """Arithmetic drill rows: equations as solutions state them (no slips), loss only on each result."""
+    tok = toy.build_char_tokenizer(tmp_path)
+    train, _ = toy.make_splits(toy.ToyConfig(n_train=300, n_test=10))
+    rng = random.Random(0)
+    for _ in range(20):
+        ids, labels = toy.drill_row(rng, train, tok, 100)
+        assert len(ids) == len(labels) and len(tok.decode(ids)) >= 100
+        for a, op, b, c in toy._EQ.findall(tok.decode(ids)):
+            assert toy._apply(int(a), op, int(b)) == int(c)
+        supervised = tok.decode([i for i, y in zip(ids, labels) if y != -100])
+        assert re.fullmatch(r"(\d+\. )+", supervised), supervised
+
+
+def test_first_error_kind():
+    p = "Ana has 6 coins. Ana then has twice as many. Ana buys 5 more. How many coins does Ana have now?"
+    kind = lambda *steps: toy.first_error_kind(p, list(steps))
+    ok = ["Twice as many is 6 * 2 = 12.", "Ana buys 5 more, so 12 + 5 = 17.", "The answer is \\boxed{17}."]
+    assert kind(*ok) == "none"
+    assert kind("Twice as many is 6 + 2 = 8.", "Ana buys 5 more, so 8 + 5 = 13.", "The answer is \\boxed{13}.") == "misread"
+    assert kind("Twice as many is 6 * 2 = 13.") == "slip"
+    assert kind(ok[0], "Ana buys 5 more, so 12 + 9 = 21.") == "operand"
+    assert kind("Ana buys 5 more, so 6 + 5 = 11.") == "skip"
+    assert kind(ok[0], "The answer is \\boxed{12}.") == "skip"
+    assert kind("Twice as many is 6 - 2 = 4.") == "other-op"
+    assert kind("Twice as many is 7 * 2 = 14.") == "other"
+    assert kind("I do not know.") == "other"
 
 
 def test_splits_disjoint_and_deterministic():

@@ -17,6 +17,9 @@ Error modes of the SFT data (rates in `ERRORS`; no marker of correctness anywher
   slip       an arithmetic result off by 1, 2 or 10 (natural language only: Python does not slip).
 Later steps carry a wrong value forward correctly, as real solutions do. The policy's mistakes come
 from what it learned: nothing corrupts its samples at evaluation time.
+A fifth of the SFT rows are arithmetic drill (`drill_row`: the equations solutions state, no slips),
+a stand-in for pretraining: without it the 10-minute SFT leaves a policy whose slips swamp the
+designed error modes.
 
 The checker labels a step correct when it is a valid inference from the problem and the values the
 solution itself stated before it (PRM800K's convention); `first_error` is ProcessBench's label.
@@ -218,6 +221,33 @@ def check_steps(problem: str, steps: list[str], answer: str | None = None, code:
     return out
 
 
+def first_error_kind(problem: str, steps: list[str]) -> str:
+    """What the earliest wrong step did, for error analysis: none | misread | slip | operand | skip |
+    other-op | other (a carried value, an extra step, a malformed step)."""
+    prob, c = parse_problem(problem), check_steps(problem, steps)
+    j = c.first_error
+    if j < 0:
+        return "none"
+    expected, x, i = prob["ops"], prob["start"], 0
+    for s in steps[:j]:  # replay the solution's own values up to the wrong step
+        eqs = _EQ.findall(s)
+        if eqs:
+            x, i = _num(eqs[0][3]), i + 1
+    eqs = _EQ.findall(steps[j])
+    if _BOXED.search(steps[j]):
+        return "skip" if i < len(expected) else "other"  # answered before every operation was done
+    if len(eqs) != 1 or i >= len(expected) or _num(eqs[0][0]) != x:
+        return "other"
+    op, b, (kind, b_true) = eqs[0][1], _num(eqs[0][2]), expected[i]
+    if (op, b) == (OPS[kind][2], b_true):
+        return "slip"
+    if (op, b) == OPS[kind][4]:
+        return "misread"
+    if i + 1 < len(expected) and (op, b) == (OPS[expected[i + 1][0]][2], expected[i + 1][1]):
+        return "skip"
+    return "operand" if op == OPS[kind][2] else "other-op"
+
+
 def solve_value(prob: dict) -> int:
     x = prob["start"]
     for kind, b in prob["ops"]:
@@ -293,9 +323,11 @@ class ToyConfig:
     max_num: int = 10  # difficulty knob: operand range (values stay <= 10 * max_num)
     hidden: int = 128
     layers: int = 4
-    sft_steps: int = 1300
-    batch_size: int = 16
+    sft_steps: int = 1900
+    batch_size: int = 8
     lr: float = 3e-3
+    drill_frac: float = 0.2  # share of SFT rows that are arithmetic drill (pretraining stand-in), 0 = none
+    drill_chars: int = 100  # length of a drill row (about 7 equations)
     calib_problems: int = 400
     calib_n: int = 16
 
@@ -322,8 +354,28 @@ def make_splits(cfg: ToyConfig) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
+def drill_row(rng: random.Random, train: list[dict], tok, n_chars: int) -> tuple[list, list]:
+    """An arithmetic drill row, a stand-in for the pretraining a real policy brings: the equations that
+    solutions of random training problems state (error modes included, slips excluded), one after
+    another. Returns (ids, labels) with the loss on each "= c." only. Without it, a 1M-parameter
+    policy's slips swamp the designed error modes (a third of its greedy answers were slips)."""
+    eqs = []
+    while sum(map(len, eqs)) < n_chars:
+        p = train[rng.randrange(len(train))]
+        errors = {k: v for k, v in ERRORS.items() if k != "slip"}
+        eqs += [m.group(0) + "." for s in solve(p, rng, errors) for m in [_EQ.search(s)] if m]
+    ids, labels = [], []
+    for e in eqs:
+        lhs, rhs = e.split(" = ")
+        a, b = tok.encode(lhs + " = ", add_special_tokens=False), tok.encode(rhs + " ", add_special_tokens=False)
+        ids += a + b
+        labels += [-100] * len(a) + b
+    return ids, labels
+
+
 def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(print, flush=True)):
-    """Supervised fine-tuning of a fresh tiny Qwen2 on solutions with the error modes above."""
+    """Supervised fine-tuning of a fresh tiny Qwen2 on solutions with the error modes above, mixed with
+    arithmetic drill rows (`cfg.drill_frac`)."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -343,19 +395,20 @@ def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(pri
                 p = train[order.pop()]
                 prompt = tok.encode(prompt_text(p["problem"]), add_special_tokens=False)
                 sol = tok.encode(STEP_SEP.join(solve(p, rng, ERRORS)), add_special_tokens=False) + [tok.eos_token_id]
-                pool.append((prompt, sol))
-            pool.sort(key=lambda ab: len(ab[0]) + len(ab[1]))
+                if rng.random() < cfg.drill_frac:
+                    pool.append(drill_row(rng, train, tok, cfg.drill_chars))
+                else:
+                    pool.append((prompt + sol, [-100] * len(prompt) + sol))  # loss on the solution only
+            pool.sort(key=lambda row: len(row[0]))
             pool = [pool[i: i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
             rng.shuffle(pool)
         batch = pool.pop()
-        T = max(len(a) + len(b) for a, b in batch)
+        T = max(len(a) for a, _ in batch)
         ids = torch.full((len(batch), T), tok.pad_token_id)  # (B, T)
         labels = torch.full((len(batch), T), -100)
         mask = torch.zeros((len(batch), T), dtype=torch.long)
         for r, (a, b) in enumerate(batch):
-            ids[r, : len(a) + len(b)] = torch.tensor(a + b)
-            labels[r, len(a): len(a) + len(b)] = torch.tensor(b)  # loss on the solution only
-            mask[r, : len(a) + len(b)] = 1
+            ids[r, : len(a)], labels[r, : len(a)], mask[r, : len(a)] = torch.tensor(a), torch.tensor(b), 1
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
