@@ -136,6 +136,8 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
               "rollouts_per_solution/mc"):
         assert ev[k] is not None, k
     assert 0 <= ev["toy_processbench_f1"] <= 1
+    by_kind = ev["eval/mc"]["by_first_error"]  # every eval sample counted once, hits never above counts
+    assert sum(v["n"] for v in by_kind.values()) == 8 and all(0 <= v["found"] <= v["n"] for v in by_kind.values())
     for name in ("mc", "outcome", "exact"):
         assert (out / name / "prm.json").exists()
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
