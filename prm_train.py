@@ -67,6 +67,8 @@ class Args:
     label_type: str = field(default="hard", metadata={"help": "hard | soft (Math-Shepherd HE/SE; its data is HE)"})
     first_error: bool = field(default=True, metadata={"help": "drop steps after the first negative (PRM800K/ProcessBench)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for solutions and rollouts"})
+    rollout_temperature: float = field(default=-1.0, metadata={"help": "completer temperature for mc/omega "
+                                                                       "rollouts (< 0: --temperature)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "max tokens per solution / rollout"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
     # model head
@@ -98,7 +100,7 @@ class Args:
 
 
 # Toy scale: a 0.8M-parameter PRM fine-tuned from the toy policy on CPU (applied when --model is empty).
-TOY = dict(n_problems=600, samples_per_problem=2, temperature=1.0, max_new_tokens=200,
+TOY = dict(n_problems=600, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7, max_new_tokens=200,
            backend="hf", lr=5e-4, epochs=5.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
            max_len=1024, eval_problems=500, baselines="outcome,exact")
 
@@ -249,7 +251,8 @@ def mc_estimate(gen, tok, rows: list[dict], ks: list[int], args: Args, salt: int
     if not rows:
         return []
     prefixes = [prefix_ids(tok, r, k, "\n\n") for r, k in zip(rows, ks)]
-    outs = gen.sample(prefixes, n=args.rollouts, temperature=args.temperature, max_tokens=args.max_new_tokens,
+    temp = args.rollout_temperature if args.rollout_temperature >= 0 else args.temperature
+    outs = gen.sample(prefixes, n=args.rollouts, temperature=temp, max_tokens=args.max_new_tokens,
                       seed=args.seed + 7919 * salt)
     return [sum(grade(c.text, r["answer"]) for c in o) / len(o) for r, o in zip(rows, outs)]
 

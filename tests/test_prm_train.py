@@ -59,7 +59,8 @@ class MockPolicy:
     def __init__(self, tok):
         self.tok, self.calls = tok, 0
 
-    def sample(self, prompts, n=1, **_):
+    def sample(self, prompts, n=1, temperature=None, **_):
+        self.temperature = temperature
         out = []
         for p in prompts:
             self.calls += n
@@ -90,6 +91,10 @@ def test_mc_labels_match_the_first_error(tok):
     soft = _rows(tok, [3])
     P.label_mc(MockPolicy(tok), tok, soft, P.Args(rollouts=2, label_type="soft"))
     assert soft[0]["labels"] == [1.0] * 3 + [0.0] * 5
+    for kw, want in (({}, 0.7), ({"rollout_temperature": 0.2}, 0.2)):  # the completer's own temperature
+        gen = MockPolicy(tok)
+        P.label_mc(gen, tok, _rows(tok, [3]), P.Args(rollouts=2, temperature=0.7, **kw))
+        assert gen.temperature == want
 
 
 def test_omega_binary_search_spends_log_rollouts(tok):
