@@ -359,10 +359,9 @@ def drill_row(rng: random.Random, train: list[dict], tok, n_chars: int) -> tuple
     solutions of random training problems state (error modes included, slips excluded), one after
     another. Returns (ids, labels) with the loss on each "= c." only. Without it, a 1M-parameter
     policy's slips swamp the designed error modes (a third of its greedy answers were slips)."""
-    eqs = []
+    eqs, errors = [], {k: v for k, v in ERRORS.items() if k != "slip"}
     while sum(map(len, eqs)) < n_chars:
         p = train[rng.randrange(len(train))]
-        errors = {k: v for k, v in ERRORS.items() if k != "slip"}
         eqs += [m.group(0) + "." for s in solve(p, rng, errors) for m in [_EQ.search(s)] if m]
     ids, labels = [], []
     for e in eqs:
