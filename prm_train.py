@@ -66,6 +66,9 @@ class Args:
     rollouts: int = field(default=8, metadata={"help": "completions per prefix K (Math-Shepherd: N=8; OmegaPRM: k=8)"})
     label_type: str = field(default="hard", metadata={"help": "hard | soft (Math-Shepherd HE/SE; its data is HE)"})
     first_error: bool = field(default=True, metadata={"help": "drop steps after the first negative (PRM800K/ProcessBench)"})
+    mc_monotone: bool = field(default=False, metadata={"help": "mc: prefixes after one with MC = 0 are labelled 0 "
+                                                                  "without rollouts (OmegaPRM's assumption; "
+                                                                  "Math-Shepherd rolls out every prefix)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for solutions and rollouts"})
     rollout_temperature: float = field(default=-1.0, metadata={"help": "completer temperature for mc/omega "
                                                                        "rollouts (< 0: --temperature)"})
@@ -101,8 +104,8 @@ class Args:
 
 # Toy scale: a 0.8M-parameter PRM fine-tuned from the toy policy on CPU (applied when --model is empty).
 TOY = dict(n_problems=600, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7, max_new_tokens=200,
-           backend="hf", lr=5e-4, epochs=5.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
-           max_len=1024, eval_problems=500, baselines="outcome,exact")
+           backend="hf", lr=5e-4, epochs=4.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
+           max_len=1024, eval_problems=500, baselines="outcome")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -259,9 +262,9 @@ def mc_estimate(gen, tok, rows: list[dict], ks: list[int], args: Args, salt: int
 
 def label_mc(gen, tok, rows: list[dict], args: Args) -> int:
     """Math-Shepherd: each step prefix of each solution gets an MC value. Returns rollouts spent.
-    With hard labels and first-error truncation, prefixes are estimated front to back and a solution
-    stops at its first zero: the steps after it are dropped anyway, so the labels are the same."""
-    hard_trunc = args.label_type == "hard" and args.first_error
+    Prefixes are estimated front to back; a solution stops at its first zero when the steps after it
+    are dropped anyway (hard labels, first-error truncation) or are assumed wrong (`mc_monotone`)."""
+    stop_at_zero = args.mc_monotone or (args.label_type == "hard" and args.first_error)
     for r in rows:
         last = float(r["correct"])  # the last prefix is the whole solution
         r["mc"] = [1.0] * (len(r["steps"]) - 1) + [last] if r["correct"] and args.label_type == "hard" else \
@@ -269,7 +272,7 @@ def label_mc(gen, tok, rows: list[dict], args: Args) -> int:
     spent, k = 0, 1
     while True:
         todo = [i for i, r in enumerate(rows) if k < len(r["steps"]) and r["mc"][k - 1] is None
-                and not (hard_trunc and 0.0 in r["mc"][: k - 1])]
+                and not (stop_at_zero and 0.0 in r["mc"][: k - 1])]
         if not todo:
             break
         for i, v in zip(todo, mc_estimate(gen, tok, [rows[i] for i in todo], [k] * len(todo), args, salt=k)):
@@ -277,7 +280,7 @@ def label_mc(gen, tok, rows: list[dict], args: Args) -> int:
         spent += len(todo) * args.rollouts
         k += 1
     for r in rows:
-        if hard_trunc and 0.0 in r["mc"]:  # after the first zero: unlabelled, dropped by truncation
+        if stop_at_zero and 0.0 in r["mc"]:  # after the first zero: 0 (dropped if truncated)
             z = r["mc"].index(0.0)
             r["mc"] = r["mc"][: z + 1] + [0.0] * (len(r["mc"]) - z - 1)
         r["labels"] = [v if args.label_type == "soft" else v > 0 for v in r["mc"]]  # Math-Shepherd SE / HE

