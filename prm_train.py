@@ -164,11 +164,14 @@ class PRM(torch.nn.Module):
         super().__init__()
         self.model, self.head, self.pos_id, self.neg_id = model, head, pos_id, neg_id
 
-    def forward(self, ids, mask, tag_b, tag_t):
+    def forward(self, ids, mask, tag_b, tag_t, cache=None, position_ids=None):
+        """`cache` (a transformers Cache, filled in place) and `position_ids` let a caller run a shared
+        prefix once and its continuations after it (search.py's beam siblings); mask then spans both."""
+        kw = dict(attention_mask=mask, past_key_values=cache, use_cache=cache is not None, position_ids=position_ids)
         if self.head == "cls":  # token classification: label 1 = correct
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[tag_b, tag_t]  # (N, 2)
+            logits = self.model(input_ids=ids, **kw).logits[tag_b, tag_t]  # (N, 2)
             return logits[:, 1] - logits[:, 0]
-        h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[tag_b, tag_t]  # (N, H)
+        h = self.model.base_model(input_ids=ids, **kw).last_hidden_state[tag_b, tag_t]  # (N, H)
         logits = self.model.get_output_embeddings()(h)  # (N, V): only at tags, not (B, T, V)
         return logits[:, self.pos_id] - logits[:, self.neg_id]  # 2-way softmax over (+, -) == sigmoid of this
 

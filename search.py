@@ -63,7 +63,8 @@ class Args:
     max_tokens: int = field(default=2048, metadata={"help": "max generated tokens per solution (search-and-learn: 2048)"})
     agg: str = field(default="last", metadata={"help": "step aggregation: last (search-and-learn) | min | prod | mean"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
-    cache_check: int = field(default=0, metadata={"help": "if > 0: time beam search at this N with vLLM prefix caching on and off"})
+    verifier_prefix_cache: bool = field(default=True, metadata={"help": "beam/DVTS: the PRM runs siblings' shared steps once (same scores)"})
+    cache_check: int = field(default=0, metadata={"help": "if > 0: time beam search at this N with prefix caching (vLLM's and the verifier's) on and off"})
     out_dir: str = field(default="runs/search", metadata={"help": "per-problem JSONL, results.json, scaling table"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
@@ -133,7 +134,7 @@ def make_verifier(kind: str, path: str, chat: bool):
     if kind == "oracle":
         from utils.toy import check_steps
 
-        def oracle(problems, steps_lists, golds):
+        def oracle(problems, steps_lists, golds, shared=None):
             out = []
             for p, s, g in zip(problems, steps_lists, golds):
                 c = check_steps(p, s, g)
@@ -144,10 +145,76 @@ def make_verifier(kind: str, path: str, chat: bool):
     prm, tok, meta = load_prm(path)
     counter = {"tokens": 0}
 
-    def fn(problems, steps_lists, golds=None):
+    def fn(problems, steps_lists, golds=None, shared=None):
         counter["tokens"] += sum(len(encode(tok, p, s, meta["step_tag"], chat)[0]) for p, s in zip(problems, steps_lists))
-        return score_steps(prm, tok, problems, steps_lists, meta["step_tag"], chat)
+        if shared is None:
+            return score_steps(prm, tok, problems, steps_lists, meta["step_tag"], chat)
+        return score_shared(prm, tok, problems, steps_lists, shared, meta["step_tag"], chat)
     return fn, counter
+
+
+def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_tokens=16384):
+    """prm_train.score_steps for beam-search children: solutions whose first `shared[i]` steps are the
+    same (siblings) run that prefix through the PRM once; its KV cache is copied to each sibling, which
+    runs only its own new steps. Same scores; the verifier's counterpart of the engine's prefix cache."""
+    import torch
+    from transformers import DynamicCache
+
+    from prm_train import encode
+    groups = defaultdict(list)
+    for i, (p, s, k) in enumerate(zip(problems, steps_lists, shared)):
+        groups[(p, tuple(s[:k]))].append(i)
+    items = []  # (parent ids, parent tags, [(i, new ids, new tags relative to the parent's end)])
+    for (p, pre), idx in groups.items():
+        pids, ptags = encode(tok, p, list(pre), step_tag, chat)
+        kids = []
+        for i in idx:
+            ids, tags = encode(tok, p, steps_lists[i], step_tag, chat)
+            kids.append((i, ids[len(pids):], [t - len(pids) for t in tags[len(ptags):]]))
+        items.append((pids, ptags, kids))
+    items.sort(key=lambda it: len(it[0]))
+    out, pad, dev = [[] for _ in problems], tok.pad_token_id or 0, next(prm.parameters()).device
+    chunks, cost = [[]], 0
+    for it in items:  # bound each chunk by its children's padded tokens
+        c = len(it[2]) * (len(it[0]) + max(len(k[1]) for k in it[2]))
+        if chunks[-1] and cost + c > batch_tokens:
+            chunks, cost = chunks + [[]], 0
+        chunks[-1].append(it)
+        cost += c
+
+    def padded(seqs, width):
+        ids, mask = torch.full((len(seqs), width), pad), torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, x in enumerate(seqs):
+            ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x, dtype=torch.long), 1
+        return ids.to(dev), mask.to(dev)
+
+    with torch.no_grad():
+        for chunk in chunks:
+            ids, mask = padded([it[0] for it in chunk], max(len(it[0]) for it in chunk))  # parents: (P, Tp)
+            tb = [g for g, it in enumerate(chunk) for _ in it[1]]
+            cache = DynamicCache()
+            lp = prm(ids, mask, torch.tensor(tb, dtype=torch.long), torch.tensor([t for it in chunk for t in it[1]],
+                                                                                   dtype=torch.long), cache=cache)
+            p_scores, k = [], 0
+            for it in chunk:
+                p_scores.append(torch.sigmoid(lp[k: k + len(it[1])].float()).tolist())
+                k += len(it[1])
+            kids = [(g, kid) for g, it in enumerate(chunk) for kid in it[2]]
+            sel = torch.tensor([g for g, _ in kids], device=dev)
+            for layer in cache.layers:  # one copy of the parent's KV per child
+                layer.batch_select_indices(sel)
+            cids, cmask = padded([kid[1] for _, kid in kids], max(1, max(len(kid[1]) for _, kid in kids)))
+            plen = torch.tensor([len(chunk[g][0]) for g, _ in kids], device=dev)
+            pos = plen[:, None] + torch.arange(cids.shape[1], device=dev)[None]  # positions continue the parent's
+            lc = prm(cids, torch.cat([mask[sel], cmask], 1), torch.tensor([r for r, (_, kid) in enumerate(kids) for _ in kid[2]]),
+                     torch.tensor([t for _, kid in kids for t in kid[2]], dtype=torch.long), cache=cache, position_ids=pos)
+            lc, k = torch.sigmoid(lc.float()).tolist(), 0
+            for g, (i, _, tags) in kids:
+                out[i] = p_scores[g] + lc[k: k + len(tags)]
+                k += len(tags)
+    for i, s in enumerate(steps_lists):  # as score_steps: steps past max_len repeat the last score
+        out[i] = (out[i] + [out[i][-1] if out[i] else 0.5] * len(s))[: len(s)]
+    return out
 
 
 # ----------------------------------------------------------------------------- search
@@ -181,10 +248,11 @@ def beam_search(gen, problems, prompts, golds, n: int, m: int, score_fn, args, l
             k = n
         last = depth == args.max_depth  # the last iteration samples each candidate to the end
         kids = _expand(gen, [b.ids for _, b in live], k, args, ledger, to_end=last)
-        children = defaultdict(list)
+        children, n_parent = defaultdict(list), {}
         for (i, b), ks in zip(live, kids):
             children[i].append([Beam(b.ids + list(s.token_ids), b.steps + split_steps(s.text), _is_done(s, s.text) or last)
                                 for s in ks])
+            n_parent.update({id(c): len(b.steps) for c in children[i][-1]})
         flat = [(i, c) for i, groups in children.items() for g in groups for c in g]
         scored = [c.steps or [""] for _, c in flat]
         ahead, ended = [c.ids for _, c in flat], set()
@@ -197,7 +265,10 @@ def beam_search(gen, problems, prompts, golds, n: int, m: int, score_fn, args, l
                 scored[j] = scored[j] + split_steps(o[0].text)
                 if _is_done(o[0], o[0].text):
                     ended.add(j)
-        scores = score_fn([problems[i] for i, _ in flat], scored, [golds[i] for i, _ in flat])
+        t = time.time()  # siblings share their parent's steps: the verifier runs those once (--verifier_prefix_cache)
+        scores = score_fn([problems[i] for i, _ in flat], scored, [golds[i] for i, _ in flat],
+                          shared=[n_parent[id(c)] for _, c in flat] if args.verifier_prefix_cache else None)
+        ledger["verify_seconds"] = ledger.get("verify_seconds", 0.0) + time.time() - t
         for (i, c), s in zip(flat, scores):
             c.score = aggregate(s, args.agg)
         frontier = {}
@@ -225,7 +296,9 @@ def _expand(gen, prefixes, k, args, ledger, to_end=False, greedy=False):
     ledger["calls"] += 1
     kw = dict(n=k, temperature=0.0 if greedy else args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
               seed=random.randrange(2**31))
+    t = time.time()
     outs = gen.sample(prefixes, **kw) if to_end else gen.step(prefixes, **kw)
+    ledger["gen_seconds"] = ledger.get("gen_seconds", 0.0) + time.time() - t
     ledger["tokens"] += sum(len(s.token_ids) for o in outs for s in o)
     return outs
 
@@ -336,19 +409,31 @@ def main(args: Args):
 
 
 def cache_check(args, texts, prompts, golds, fn) -> dict:
-    """Beam search wall-clock with vLLM prefix caching on, then off (same seeds, same N)."""
+    """Beam search wall-clock with prefix caching on, then off (same seeds, same N): vLLM's prefix cache
+    for the generator and --verifier_prefix_cache for the PRM. The time in each part is reported too."""
     from utils.generation import VLLMBackend
-    out = {}
+    out, key, keep = {}, f"cache_check/beam@{args.cache_check}", args.verifier_prefix_cache
     for on in (True, False):
         gen = VLLMBackend(args.model, enable_prefix_caching=on, seed=args.seed)
         random.seed(args.seed)
-        t = time.time()
-        beam_search(gen, texts, prompts, golds, args.cache_check, args.beam_width, fn, args, {"calls": 0, "tokens": 0})
-        out[f"cache_check/beam@{args.cache_check}/seconds_caching_{'on' if on else 'off'}"] = time.time() - t
+        args.verifier_prefix_cache = on
+        ledger, t = {"calls": 0, "tokens": 0}, time.time()
+        beam_search(gen, texts, prompts, golds, args.cache_check, args.beam_width, fn, args, ledger)
+        sfx = "on" if on else "off"
+        out[f"{key}/seconds_caching_{sfx}"] = time.time() - t
+        out[f"{key}/generation_seconds_caching_{sfx}"] = ledger["gen_seconds"]
+        out[f"{key}/verifier_seconds_caching_{sfx}"] = ledger.get("verify_seconds", 0.0)
+        out[f"{key}/tokens_caching_{sfx}"] = ledger["tokens"]
         del gen
-    on, off = (out[f"cache_check/beam@{args.cache_check}/seconds_caching_{x}"] for x in ("on", "off"))
-    out["cache_check/speedup"] = off / on
-    print(f"prefix caching: beam@{args.cache_check} {on:.1f}s with, {off:.1f}s without ({off / on:.2f}x)")
+    args.verifier_prefix_cache = keep
+    x = {k: (out[f"{key}/{k}_caching_on"], out[f"{key}/{k}_caching_off"]) for k in ("seconds", "generation_seconds", "verifier_seconds")}
+    out["cache_check/speedup"] = x["seconds"][1] / x["seconds"][0]
+    out["cache_check/generation_speedup"] = x["generation_seconds"][1] / x["generation_seconds"][0]
+    out["cache_check/verifier_speedup"] = x["verifier_seconds"][1] / max(x["verifier_seconds"][0], 1e-9)
+    print(f"prefix caching, beam@{args.cache_check}: {x['seconds'][0]:.1f}s with, {x['seconds'][1]:.1f}s without "
+          f"({out['cache_check/speedup']:.2f}x); generator (vLLM) {x['generation_seconds'][0]:.1f}s / "
+          f"{x['generation_seconds'][1]:.1f}s ({out['cache_check/generation_speedup']:.2f}x); verifier "
+          f"{x['verifier_seconds'][0]:.1f}s / {x['verifier_seconds'][1]:.1f}s ({out['cache_check/verifier_speedup']:.2f}x)")
     return out
 
 

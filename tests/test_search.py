@@ -61,7 +61,7 @@ class StepPolicy:
         return self.sample(prefixes, n=n, stop=["\n\n"], **kw)
 
 
-def step_oracle(problems, steps_lists, golds):
+def step_oracle(problems, steps_lists, golds, shared=None):
     return [[0.0 if "bad" in s or "{3}" in s else 1.0 for s in steps] for steps in steps_lists]
 
 
@@ -83,6 +83,28 @@ def test_beam_and_dvts_find_the_good_path_with_an_oracle(tiny_model_dir, diverse
         wins += "\\boxed{7}" in tok.decode(best.ids[len(prompts[i]):])
     assert wins >= 17
     assert ledger["tokens"] > 0 and ledger["calls"] >= 4  # one batched call per depth for all problems
+
+
+@pytest.mark.parametrize("head", ["lm2", "cls"])
+def test_shared_prefix_scoring_matches_full_scoring(tiny_model_dir, head):
+    """Beam siblings scored with their parent's prefix run once (KV cache copied per child) get the
+    scores of scoring each solution whole; ragged parents, ragged children and an empty child included."""
+    from prm_train import build_prm, score_steps
+    prm, tok = build_prm(str(tiny_model_dir), head, "+", "-")
+    prm.eval()
+    problems, steps, shared = [], [], []
+    for p, parent, kids in [("Ann has 3 apples.", [], [["3 + 2 = 5"], ["3 * 2 = 6", "x"]]),
+                            ("Bo has 12 pens and buys 4 more.", ["12 + 4 = 16", "then 16 - 1 = 15"],
+                             [["ok"], ["The answer is \\boxed{15}."], [], ["a", "b", "c"]]),
+                            ("Cy.", ["1"], [["2"]])]:
+        for k in kids:
+            problems.append(p), steps.append(parent + k), shared.append(len(parent))
+    full = score_steps(prm, tok, problems, steps, "\n\n")
+    for batch_tokens in (60, 10**6):  # one parent per chunk; all parents (ragged) in one chunk
+        part = S.score_shared(prm, tok, problems, steps, shared, "\n\n", False, batch_tokens=batch_tokens)
+        assert [len(x) for x in part] == [len(x) for x in steps]
+        assert max(abs(a - b) for u, v in zip(full, part) for a, b in zip(u, v)) < 1e-5
+    assert len({round(x, 6) for u in full for x in u}) > 3  # a random model: the scores differ
 
 
 def test_end_to_end_toy(tiny_toy_dir, tmp_path):
