@@ -159,6 +159,7 @@ class Check:
     step_correct: list = field(default_factory=list)  # local validity of each step
     first_error: int = -1  # index of the earliest wrong step, -1 if none (ProcessBench's label)
     answer_correct: bool = False  # the boxed answer equals the gold answer
+    state: list = field(default_factory=list)  # per step: (running value, operations done) before it
 
 
 def _num(s: str):
@@ -198,6 +199,7 @@ def check_steps(problem: str, steps: list[str], answer: str | None = None, code:
     gold = answer if answer is not None else str(solve_value(prob))
     out, x, env, i = Check(), prob["start"], {}, 0
     for j, step in enumerate(steps):
+        out.state.append((x, i))
         boxed = _BOXED.findall(step)
         if boxed:  # the answer step: must come after every operation and state the running value
             ok = i == len(expected) and len(boxed) == 1 and boxed[0].strip() == str(x) and j == len(steps) - 1
@@ -228,11 +230,7 @@ def first_error_kind(problem: str, steps: list[str]) -> str:
     j = c.first_error
     if j < 0:
         return "none"
-    expected, x, i = prob["ops"], prob["start"], 0
-    for s in steps[:j]:  # replay the solution's own values up to the wrong step
-        eqs = _EQ.findall(s)
-        if eqs:
-            x, i = _num(eqs[0][3]), i + 1
+    expected, (x, i) = prob["ops"], c.state[j]  # the solution's own running value before the wrong step
     eqs = _EQ.findall(steps[j])
     if _BOXED.search(steps[j]):
         return "skip" if i < len(expected) else "other"  # answered before every operation was done
