@@ -153,10 +153,11 @@ def make_verifier(kind: str, path: str, chat: bool):
     return fn, counter
 
 
-def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_tokens=16384):
+def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_tokens=16384, max_len=4096):
     """prm_train.score_steps for beam-search children: solutions whose first `shared[i]` steps are the
     same (siblings) run that prefix through the PRM once; its KV cache is copied to each sibling, which
-    runs only its own new steps. Same scores; the verifier's counterpart of the engine's prefix cache."""
+    runs only its own new steps. Same scores (and the same max_len cut) as score_steps; the verifier's
+    counterpart of the engine's prefix cache."""
     import torch
     from transformers import DynamicCache
 
@@ -166,10 +167,10 @@ def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_
         groups[(p, tuple(s[:k]))].append(i)
     items = []  # (parent ids, parent tags, [(i, new ids, new tags relative to the parent's end)])
     for (p, pre), idx in groups.items():
-        pids, ptags = encode(tok, p, list(pre), step_tag, chat)
+        pids, ptags = encode(tok, p, list(pre), step_tag, chat, max_len)
         kids = []
         for i in idx:
-            ids, tags = encode(tok, p, steps_lists[i], step_tag, chat)
+            ids, tags = encode(tok, p, steps_lists[i], step_tag, chat, max_len)
             kids.append((i, ids[len(pids):], [t - len(pids) for t in tags[len(ptags):]]))
         items.append((pids, ptags, kids))
     items.sort(key=lambda it: len(it[0]))
