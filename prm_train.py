@@ -217,7 +217,8 @@ def score_steps(prm: PRM, tok, problems: list[str], steps_lists: list[list[str]]
           for i, (p, s) in enumerate(zip(problems, steps_lists))]
     out: list[list[float]] = [[] for _ in problems]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for batch in make_batches(ex, batch_tokens, random.Random(0)):
+    batches = make_batches(ex, batch_tokens, random.Random(0))
+    for batch in tqdm(batches, desc="PRM scoring", leave=False, disable=len(batches) < 50):
         ids, mask, tb, tt, _ = collate(batch, pad, dev)
         p = torch.sigmoid(prm(ids, mask, tb, tt).float()).tolist() if len(tt) else []
         k = 0
