@@ -132,6 +132,8 @@ def test_build_toy_end_to_end(tmp_path):
     for k in ("greedy_acc", "sample_acc_t1", "pass@2", "maj@2"):
         assert 0.0 <= calib[k] <= 1.0
     assert (out / "policy" / "tokenizer.json").exists() and (out / "policy" / "config.json").exists()
+    mcfg = json.loads((out / "policy" / "config.json").read_text())
+    assert mcfg["hidden_size"] // mcfg["num_attention_heads"] == 32  # --hidden 64: 2 heads vLLM accepts, not 4 of 16
     rows = [json.loads(l) for l in (out / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and {"problem", "answer", "steps"} <= set(rows[0])
     assert "| greedy_acc |" in r.stdout

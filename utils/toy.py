@@ -319,7 +319,7 @@ class ToyConfig:
     min_ops: int = 1  # difficulty knob: operations per problem
     max_ops: int = 3
     max_num: int = 10  # difficulty knob: operand range (values stay <= 10 * max_num)
-    hidden: int = 128
+    hidden: int = 128  # width; attention heads of 32 dims (hidden // 32 of them: vLLM rejects 16)
     layers: int = 4
     sft_steps: int = 1900
     batch_size: int = 8
@@ -376,7 +376,7 @@ def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(pri
     import torch
 
     torch.manual_seed(cfg.seed)
-    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, seed=cfg.seed)
+    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, heads=max(1, cfg.hidden // 32), seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
