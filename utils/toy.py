@@ -296,13 +296,14 @@ def _bytes_to_unicode() -> dict:
 _BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
-def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0,
+def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int | None = None, seed: int = 0,
                init_std: float = 0.02, max_len: int = 1024):
-    """A small Qwen2ForCausalLM (heads of 32 dims: vLLM rejects 16)."""
+    """A small Qwen2ForCausalLM; by default hidden // 32 heads of 32 dims (vLLM rejects 16)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    heads = heads or max(1, hidden // 32)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=max_len, tie_word_embeddings=True, initializer_range=init_std,
@@ -376,7 +377,7 @@ def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(pri
     import torch
 
     torch.manual_seed(cfg.seed)
-    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, heads=max(1, cfg.hidden // 32), seed=cfg.seed)
+    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
