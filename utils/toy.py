@@ -296,7 +296,7 @@ def _bytes_to_unicode() -> dict:
 _BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
-def tiny_qwen2(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int | None = None, seed: int = 0,
+def tiny_qwen2(vocab_size: int, hidden: int = 64, layers: int = 4, heads: int | None = None, seed: int = 0,
                init_std: float = 0.02, max_len: int = 1024):
     """A small Qwen2ForCausalLM; by default hidden // 32 heads of 32 dims (vLLM rejects 16)."""
     import torch
