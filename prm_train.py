@@ -103,7 +103,7 @@ class Args:
 
 
 # Toy scale: a PRM fine-tuned from the toy policy (0.28M parameters) on CPU (applied when --model is empty).
-TOY = dict(n_problems=600, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7, max_new_tokens=200,
+TOY = dict(n_problems=1800, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7, max_new_tokens=200,
            backend="hf", lr=2e-3, epochs=4.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
            max_len=1024, eval_problems=500, baselines="outcome")
 

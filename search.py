@@ -22,6 +22,12 @@ Deviations from search-and-learn:
   2. bon/weighted/maj at N < N_max average over the N_max/N disjoint groups of the N_max samples
      (upstream takes the first N), which lowers the variance of the small-N points.
   3. Toy-scale settings (TOY below) replace the defaults when --model is empty.
+  4. A solution's score is its lowest step score (`--agg min`, as in eval.py), not the last step's.
+     search-and-learn's PRM (RLHFlow's, MC labels on every step) is value-like; prm_train.py stops
+     each solution's labels at its first error (PRM800K, ProcessBench), so a step after an error is
+     never trained on and the last step's score says little about the steps before it (toy: mean
+     last-step score 0.94-0.96 whatever the first error; lowest step score 0.43-0.62 by kind of
+     error, 0.81 for right solutions; see the README).
 
     python search.py                                    # toy world on CPU (needs python prm_train.py first)
     python search.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat --data math500 --prm runs/prm/mc
@@ -61,7 +67,8 @@ class Args:
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (search-and-learn: 0.8)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (search-and-learn: 1.0)"})
     max_tokens: int = field(default=2048, metadata={"help": "max generated tokens per solution (search-and-learn: 2048)"})
-    agg: str = field(default="last", metadata={"help": "step aggregation: last (search-and-learn) | min | prod | mean"})
+    agg: str = field(default="min", metadata={"help": "step aggregation: min | last (search-and-learn) | prod | mean; "
+                                                   "see deviation 4"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
     verifier_prefix_cache: bool = field(default=True, metadata={"help": "beam/DVTS: the PRM runs siblings' shared steps once (same scores)"})
     cache_check: int = field(default=0, metadata={"help": "if > 0: time beam search at this N with prefix caching (vLLM's and the verifier's) on and off"})
