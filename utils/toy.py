@@ -322,7 +322,7 @@ class ToyConfig:
     max_num: int = 10  # difficulty knob: operand range (values stay <= 10 * max_num)
     hidden: int = 64  # width; attention heads of 32 dims (hidden // 32 of them: vLLM rejects 16)
     layers: int = 4
-    sft_steps: int = 3650  # about 8.5 min on 2 cores (README: calibration; 3300 missed the copy transition)
+    sft_steps: int = 3650  # 5-8.5 min on 2 cores, by CPU (README: calibration; 3300 missed the copy transition)
     batch_size: int = 8
     lr: float = 3e-3
     drill_frac: float = 0.2  # share of SFT rows that are arithmetic drill (pretraining stand-in), 0 = none
