@@ -14,7 +14,8 @@ Strategies, all driven by one `score_fn(problem, steps) -> per-step scores`:
             one-step candidates per iteration.
 Verifiers: a PRM dir from prm_train.py (`--prm`), an outcome-label PRM (`--orm`), and on the toy world the
 exact checker (`oracle`, an upper bound). maj/bon/weighted at every N come from one run of N_max
-samples; beam and DVTS run per N.
+samples; beam and DVTS run per N. Every method is also compared with majority at the same N on the same
+problems: `vs_maj/{method}@{N}` = [difference, 95% interval] from a paired bootstrap over problems.
 
 Deviations from search-and-learn:
   1. A beam's lookahead steps (--lookahead) are scored with the beam; upstream generates them but
@@ -225,6 +226,16 @@ def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_
     return out
 
 
+def paired_interval(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) over problems and its 95% interval from a paired bootstrap (problems resampled
+    with replacement, both methods on the same draw): whether a gap over majority is more than noise."""
+    import numpy as np
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(iters, len(d)))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi)
+
+
 # ----------------------------------------------------------------------------- search
 @dataclass
 class Beam:
@@ -340,7 +351,7 @@ def main(args: Args):
     prompts = [tok.encode(build_prompt(p, tok, args.chat), add_special_tokens=False) for p in texts]
     groups = [AnswerGroups() for _ in problems]
     right = lambda i, a: a is not None and is_equiv(a, golds[i])  # noqa: E731
-    res, table_tokens, per_problem = {}, {}, [{"problem": t, "answer": g} for t, g in zip(texts, golds)]
+    res, by_problem, per_problem = {}, {}, [{"problem": t, "answer": g} for t, g in zip(texts, golds)]
 
     # 1. one run of N_max independent samples serves maj / bon / weighted at every N
     nmax = ns[-1]
@@ -376,6 +387,8 @@ def main(args: Args):
         for k, v in acc.items():
             res[f"{k}@{n}"] = sum(v) / len(v)
             res[f"tokens/{k}@{n}"] = sum(sum(x[:n]) for x in ntok) / len(problems)
+            g = nmax // n
+            by_problem[f"{k}@{n}"] = [sum(v[i * g: (i + 1) * g]) / g for i in range(len(problems))]
     res["sample_seconds"] = sample_s
 
     # 2. beam search and DVTS, one run per N
@@ -395,11 +408,16 @@ def main(args: Args):
                 per_problem[i].setdefault(method, {})[n] = {"pred": best_of_n(a, [b.score for b in done]) if done else None,
                                                             "pool": len(done)}
             res[f"{method}@{n}"] = sum(picks) / len(picks)
+            by_problem[f"{method}@{n}"] = [float(x) for x in picks]
             res[f"tokens/{method}@{n}"] = ledger["tokens"] / len(problems)
             res[f"calls/{method}@{n}"] = ledger["calls"]
             res[f"seconds/{method}@{n}"] = time.time() - t
             print(f"{method}@{n}: {100 * res[f'{method}@{n}']:.1f}%  {res[f'tokens/{method}@{n}']:.0f} tok/problem "
                   f"({time.time() - t:.0f}s)", flush=True)
+    for key, v in by_problem.items():  # each method against majority at the same N, on the same problems
+        m, n = key.split("@")
+        if m != "maj" and f"maj@{n}" in by_problem:
+            res[f"vs_maj/{key}"] = list(paired_interval(v, by_problem[f"maj@{n}"], seed=args.seed))
     for name, (_, counter) in verifiers.items():
         if counter:
             res[f"verifier_tokens/{name}"] = counter["tokens"]
@@ -453,7 +471,14 @@ def scaling_table(res: dict, ns: list[int]) -> str:
         cells = [f"{100 * res[f'{r}@{n}']:.1f} ({res.get(f'tokens/{r}@{n}', 0):.0f})" if f"{r}@{n}" in res else "-"
                  for n in ns]
         body += f"| {r} | " + " | ".join(cells) + " |\n"
-    return "accuracy % (generated tokens per problem)\n\n" + head + body
+    gaps = ""
+    for r in rows:
+        cells = [("{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * x for x in res[f"vs_maj/{r}@{n}"])))
+                 if f"vs_maj/{r}@{n}" in res else "-" for n in ns]
+        gaps += f"| {r} | " + " | ".join(cells) + " |\n" if any(c != "-" for c in cells) else ""
+    if gaps:
+        gaps = ("\nminus maj at the same N, points [95% paired-bootstrap interval over problems]\n\n" + head + gaps)
+    return "accuracy % (generated tokens per problem)\n\n" + head + body + gaps
 
 
 def plot(res: dict, ns: list[int], out: Path):

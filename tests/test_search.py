@@ -21,6 +21,16 @@ def test_aggregations_by_hand():
         S.aggregate(s, "max")
 
 
+def test_paired_interval():
+    a, b = [1.0] * 60 + [0.0] * 40, [1.0] * 50 + [0.0] * 50  # a is right on 10 more of 100 problems
+    d, lo, hi = S.paired_interval(a, b)
+    assert abs(d - 0.1) < 1e-12 and 0 < lo < 0.1 < hi < 0.2
+    assert S.paired_interval(a, a) == (0.0, 0.0, 0.0)
+    c, e = [1.0] * 10 + [0.0] * 10, [0.0] * 10 + [1.0] * 10  # as many wins as losses: the interval spans 0
+    d, lo, hi = S.paired_interval(c, e)
+    assert d == 0 and lo < -0.2 and hi > 0.2
+
+
 def test_selection_rules():
     answers = ["3", "\\frac{6}{2}", "4", "4", "4", None]
     scores = [0.9, 0.8, 0.2, 0.3, 0.1, 0.99]
@@ -127,6 +137,9 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
             assert 0 <= res[f"{m}@{n}"] <= 1 and res[f"tokens/{m}@{n}"] >= 0
     for m in ("beam", "dvts"):
         assert 0 <= res[f"{m}@4"] <= 1 and res[f"tokens/{m}@8"] > 0
-    assert (out / "scaling.md").read_text().count("| maj |") == 1
+    for k in ("weighted@4", "bon_orm@8", "beam@4", "dvts@8"):
+        d, lo, hi = res[f"vs_maj/{k}"]
+        assert lo - 1e-9 <= d <= hi + 1e-9 and d == pytest.approx(res[k] - res[f"maj@{k.split('@')[1]}"])
+    assert (out / "scaling.md").read_text().count("| maj |") == 1 and "paired-bootstrap" in (out / "scaling.md").read_text()
     rows = [json.loads(l) for l in (out / "problems.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and len(rows[0]["completions"]) == 8
