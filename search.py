@@ -41,6 +41,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from utils.data import build_prompt, load_problems, split_steps, write_jsonl
@@ -229,7 +230,6 @@ def score_shared(prm, tok, problems, steps_lists, shared, step_tag, chat, batch_
 def paired_interval(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """mean(a) - mean(b) over problems and its 95% interval from a paired bootstrap (problems resampled
     with replacement, both methods on the same draw): whether a gap over majority is more than noise."""
-    import numpy as np
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(d), size=(iters, len(d)))
     lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
