@@ -15,6 +15,8 @@ from policy samples:
            prefix and recurse, K*log2(M) rollouts instead of K*M;
   outcome  the ORM baseline: every step gets the solution's final outcome;
   exact    (toy only) the toy checker's step labels: the ceiling that MC labels aim at.
+With --select_prm, which samples get labelled is chosen by a trained PRM, as in Let's Verify's
+active learning (section 4.2): mostly the wrong-answer samples it finds most convincing.
 
 Deviations from the papers:
   1. Hard MC labels of a solution whose own answer is right are all positive with no rollouts: the
@@ -63,6 +65,12 @@ class Args:
     # labelling (Math-Shepherd / OmegaPRM)
     n_problems: int = field(default=0, metadata={"help": "problems to sample solutions for (0: all)"})
     samples_per_problem: int = field(default=4, metadata={"help": "policy solutions per problem"})
+    select_prm: str = field(default="", metadata={"help": "active learning (Let's Verify 4.2): a trained PRM dir that "
+                                                          "picks which samples to label ('' = uniform samples)"})
+    select_from: int = field(default=16, metadata={"help": "with --select_prm: samples drawn per problem to pick "
+                                                           "from (Let's Verify: 1000)"})
+    select_wrong: float = field(default=0.8, metadata={"help": "with --select_prm: share of the picks that are the most "
+                                                               "convincing wrong-answer samples (Let's Verify: 0.8)"})
     rollouts: int = field(default=8, metadata={"help": "completions per prefix K (Math-Shepherd: N=8; OmegaPRM: k=8)"})
     label_type: str = field(default="hard", metadata={"help": "hard | soft (Math-Shepherd HE/SE; its data is HE)"})
     first_error: bool = field(default=True, metadata={"help": "drop steps after the first negative (PRM800K/ProcessBench)"})
@@ -232,17 +240,37 @@ def score_steps(prm: PRM, tok, problems: list[str], steps_lists: list[list[str]]
 
 # ----------------------------------------------------------------------------- labels from rollouts
 def sample_solutions(gen, tok, problems: list[dict], args: Args) -> list[dict]:
+    """samples_per_problem policy solutions per problem; with --select_prm, picked from select_from."""
     prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
-    outs = gen.sample(prompts, n=args.samples_per_problem, temperature=args.temperature,
-                      max_tokens=args.max_new_tokens, seed=args.seed)
-    rows = []
+    outs = gen.sample(prompts, n=args.select_from if args.select_prm else args.samples_per_problem,
+                      temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed)
+    groups = []
     for p, pr, o in zip(problems, prompts, outs):
-        for s in o:
-            steps = split_steps(s.text)
-            if steps:
-                rows.append({"problem": p["problem"], "answer": p["answer"], "steps": steps, "prompt_ids": pr,
-                             "correct": bool(grade(s.text, p["answer"]))})
-    return rows
+        groups.append([{"problem": p["problem"], "answer": p["answer"], "steps": steps, "prompt_ids": pr,
+                        "correct": bool(grade(s.text, p["answer"]))} for s in o if (steps := split_steps(s.text))])
+    if args.select_prm:
+        groups = select_convincing(groups, args)
+    return [r for g in groups for r in g]
+
+
+def select_convincing(groups: list[list[dict]], args: Args) -> list[list[dict]]:
+    """Active learning as in "Let's Verify Step by Step" 4.2: a selector PRM scores every sample (the
+    product of its step scores, the paper's solution score); per problem keep the select_wrong share of
+    samples_per_problem as the most convincing wrong-answer samples, the rest as the most convincing
+    of what remains (right or wrong)."""
+    prm, tok, meta = load_prm(args.select_prm, "cuda" if torch.cuda.is_available() else "cpu")
+    flat = [r for g in groups for r in g]
+    scores = score_steps(prm, tok, [r["problem"] for r in flat], [r["steps"] for r in flat], meta["step_tag"],
+                         meta["chat"], args.batch_tokens, args.max_len)
+    for r, s in zip(flat, scores):
+        r["select_score"] = math.prod(s)
+    n_wrong = round(args.select_wrong * args.samples_per_problem)
+    out = []
+    for g in groups:
+        g = sorted(g, key=lambda r: -r["select_score"])
+        pick = [r for r in g if not r["correct"]][:n_wrong]
+        out.append(pick + [r for r in g if all(r is not q for q in pick)][: args.samples_per_problem - len(pick)])
+    return out
 
 
 def prefix_ids(tok, row: dict, k: int, step_tag: str) -> list[int]:
@@ -475,6 +503,10 @@ def main(args: Args):
     sources = [args.labels] + [b for b in args.baselines.split(",") if b]
     if "exact" in sources and not toy:
         raise ValueError("--labels exact needs the toy world's checker (leave --model empty)")
+    if args.select_prm and not (Path(args.select_prm) / "prm.json").exists():
+        raise ValueError(f"--select_prm {args.select_prm}: not a PRM dir written by prm_train.py (no prm.json)")
+    if args.select_prm and not (args.select_from >= args.samples_per_problem and 0 <= args.select_wrong <= 1):
+        raise ValueError("--select_from must be >= --samples_per_problem and --select_wrong in [0, 1]")
     results, gen = {"labels": args.labels}, None
 
     # 1. solutions and labels (cached in out_dir/solutions.jsonl, so a rerun or --resume skips this)

@@ -111,6 +111,22 @@ def test_omega_binary_search_spends_log_rollouts(tok):
     assert spent == gen.calls == 4 * 3 * 4  # 4 wrong solutions x log2(8) rounds x K, versus 4 x 7 x K for mc
 
 
+def test_active_selection_keeps_convincing_wrong_answers(monkeypatch):
+    """Let's Verify 4.2: per problem, the select_wrong share of the picks are the wrong-answer samples the
+    selector scores highest (product of step scores); the rest the highest of what remains."""
+    monkeypatch.setattr(P, "load_prm", lambda path, device="cpu": (None, None, {"step_tag": "\n\n", "chat": False}))
+    monkeypatch.setattr(P, "score_steps", lambda prm, tok, problems, steps, *a: [[float(x) for x in s] for s in steps])
+    row = lambda steps, ok: {"problem": "q", "steps": steps, "correct": ok}
+    a = [row(["0.9", "0.9"], True), row(["0.5"], False), row(["0.95", "0.1"], False), row(["0.8"], False),
+         row(["0.99"], True), row(["0.6"], False)]  # scores 0.81, 0.5, 0.095, 0.8, 0.99, 0.6
+    b = [row(["0.3"], True), row(["0.2"], False)]  # one wrong answer only: the rest filled from what remains
+    out = P.select_convincing([a, b], P.Args(select_prm="x", samples_per_problem=4, select_wrong=0.75))
+    assert [r["steps"] for r in out[0]] == [["0.8"], ["0.6"], ["0.5"], ["0.99"]]
+    assert [r["steps"] for r in out[1]] == [["0.2"], ["0.3"]]
+    out = P.select_convincing([a], P.Args(select_prm="x", samples_per_problem=2, select_wrong=0.0))
+    assert [r["steps"] for r in out[0]] == [["0.99"], ["0.9", "0.9"]]
+
+
 def test_training_fits_small_data(tiny_model_dir, tmp_path):
     """8 solutions whose error is a visible marker: the PRM must fit them (loss falls, accuracy 1)."""
     rows = [{"prompt": f"q{i}", "completions": [f"a{i}", "oops" if i % 2 else f"b{i}"], "labels": [True, i % 2 == 0]}
@@ -151,6 +167,19 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
         assert (out / name / "prm.json").exists()
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs and all(v == v and abs(v) < 1e6 for row in logs for k, v in row.items() if k.endswith("loss"))
+    sel = tmp_path / "sel"  # active learning: 2 of 4 samples per problem, picked by the PRM just trained
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sel), "--n_problems", "3", "--select_prm", str(out / "mc"),
+          "--select_from", "4", "--samples_per_problem", "2", "--labels", "outcome", "--baselines", "",
+          "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1"])
+    rows = read_jsonl(sel / "solutions.jsonl")
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["problem"], []).append(r)
+    assert len(by_problem) <= 3 and all(len(g) <= 2 for g in by_problem.values())
+    for g in by_problem.values():  # wrong-answer picks first, most convincing first
+        wrong = [r["select_score"] for r in g if not r["correct"]]
+        assert wrong == sorted(wrong, reverse=True) and [r["correct"] for r in g] == sorted(r["correct"] for r in g)
+    assert (sel / "outcome" / "prm.json").exists()
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
