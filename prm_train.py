@@ -269,7 +269,8 @@ def select_convincing(groups: list[list[dict]], args: Args) -> list[list[dict]]:
     for g in groups:
         g = sorted(g, key=lambda r: -r["select_score"])
         pick = [r for r in g if not r["correct"]][:n_wrong]
-        out.append(pick + [r for r in g if all(r is not q for q in pick)][: args.samples_per_problem - len(pick)])
+        chosen = {id(r) for r in pick}
+        out.append(pick + [r for r in g if id(r) not in chosen][: args.samples_per_problem - len(pick)])
     return out
 
 
