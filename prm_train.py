@@ -28,6 +28,8 @@ Deviations from the papers:
   4. Toy-scale hyperparameters (TOY below) replace the papers' when --model is empty.
 
     python prm_train.py                                      # toy world on CPU: MC labels + baselines
+    python prm_train.py --labels outcome --samples_per_problem 16 --epochs 2 --baselines "" --out_dir runs/orm16
+    python prm_train.py --init runs/orm16/outcome --lr 5e-4 --epochs 2 --baselines ""   # MC labels from that ORM
     torchrun --nproc_per_node 8 prm_train.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat \\
         --labels prm800k_stepwise.jsonl --head cls --bf16
 """
@@ -57,6 +59,8 @@ class Args:
     # model and data
     model: str = field(default="", metadata={"help": "PRM init checkpoint (HF dir or hub id); empty: the toy policy"})
     policy: str = field(default="", metadata={"help": "policy that writes and completes solutions (default: --model)"})
+    init: str = field(default="", metadata={"help": "local model dir every PRM here is fine-tuned from, e.g. a trained "
+                                                    "ORM (default: --model; on the toy the policy)"})
     data: str = field(default="", metadata={"help": "problems JSONL {problem, answer} to sample from (default: toy train)"})
     labels: str = field(default="mc", metadata={"help": "mc | omega | outcome | exact (toy) | a stepwise JSONL path"})
     baselines: str = field(default="", metadata={"help": "comma list of extra label sources trained on the same "
@@ -512,6 +516,8 @@ def main(args: Args):
     sources = [args.labels] + [b for b in args.baselines.split(",") if b]
     if "exact" in sources and not toy:
         raise ValueError("--labels exact needs the toy world's checker (leave --model empty)")
+    if args.init and not (Path(args.init) / "config.json").exists():
+        raise ValueError(f"--init {args.init}: not a local model dir (no config.json)")
     if args.select_prm and not (Path(args.select_prm) / "prm.json").exists():
         raise ValueError(f"--select_prm {args.select_prm}: not a PRM dir written by prm_train.py (no prm.json)")
     if args.select_prm and not (args.select_from >= args.samples_per_problem and 0 <= args.select_wrong <= 1):
@@ -602,7 +608,7 @@ def main(args: Args):
     # 3. train one PRM per label source on the same solutions and the same number of steps; evaluate
     for src, rows_src in stepwise.items():
         name = Path(src).stem if src.endswith(".jsonl") else src
-        prm, tok = train(name, args.model, rows_src, args, dist, log)
+        prm, tok = train(name, args.init or args.model, rows_src, args, dist, log)
         if dist.main and eval_rows:
             ev = evaluate(prm, tok, eval_rows, args, kinds)
             results[f"eval/{name}"] = ev

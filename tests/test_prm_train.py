@@ -144,6 +144,17 @@ def test_training_fits_small_data(tiny_model_dir, tmp_path):
     assert meta["head"] == "cls" and P.score_steps(prm2, tok, ["q1"], [["a1", "oops"]])[0][1] < 0.5
 
 
+def test_bad_settings_fail_before_sampling(tiny_toy_dir, tmp_path):
+    (tmp_path / "sel").mkdir()
+    (tmp_path / "sel" / "prm.json").write_text("{}")
+    for kw in ({"init": str(tmp_path / "nope")}, {"select_prm": str(tmp_path)},
+               {"select_prm": str(tmp_path / "sel"), "select_from": 1, "samples_per_problem": 2},
+               {"select_prm": str(tmp_path / "sel"), "select_wrong": 1.5}):
+        with pytest.raises(ValueError):
+            P.main(P.Args(toy_dir=str(tiny_toy_dir), out_dir=str(tmp_path / "out"), **kw))
+    assert not (tmp_path / "out" / "solutions.jsonl").exists()
+
+
 def _run(args, timeout=900, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable])
     r = subprocess.run(cmd + ["prm_train.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -167,10 +178,15 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
         assert (out / name / "prm.json").exists()
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs and all(v == v and abs(v) < 1e6 for row in logs for k, v in row.items() if k.endswith("loss"))
-    sel = tmp_path / "sel"  # active learning: 2 of 4 samples per problem, picked by the PRM just trained
+    sel = tmp_path / "sel"  # active learning: 2 of 4 samples per problem, picked by the PRM just trained;
+    # the PRM starts from the outcome PRM above (--init) and, with lr 0, must end with its weights
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sel), "--n_problems", "3", "--select_prm", str(out / "mc"),
           "--select_from", "4", "--samples_per_problem", "2", "--labels", "outcome", "--baselines", "",
-          "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1"])
+          "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1", "--init", str(out / "outcome"), "--lr", "0"])
+    from safetensors.torch import load_file
+    a, b, policy = (load_file(d / "model.safetensors") for d in (out / "outcome", sel / "outcome", tiny_toy_dir / "policy"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], policy[k]) for k in a if k in policy)  # the init is not the policy
     rows = read_jsonl(sel / "solutions.jsonl")
     by_problem = {}
     for r in rows:
