@@ -36,6 +36,7 @@ Deviations from search-and-learn:
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,7 @@ class Args:
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
     verifier_prefix_cache: bool = field(default=True, metadata={"help": "beam/DVTS: the PRM runs siblings' shared steps once (same scores)"})
     cache_check: int = field(default=0, metadata={"help": "if > 0: time beam search at this N with prefix caching (vLLM's and the verifier's) on and off"})
+    cache_check_repeats: int = field(default=3, metadata={"help": "timed runs of each setting in --cache_check, alternating on/off; medians reported"})
     out_dir: str = field(default="runs/search", metadata={"help": "per-problem JSONL, results.json, scaling table"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
@@ -435,36 +437,46 @@ def main(args: Args):
 
 
 def cache_check(args, texts, prompts, golds, fn) -> dict:
-    """Beam search wall-clock with prefix caching on, then off (same seeds, same N): vLLM's prefix cache
-    for the generator and --verifier_prefix_cache for the PRM. The time in each part is reported too.
-    Each engine first runs an untimed small search (2 problems, N = M), so neither run pays the engine's
-    first-call costs; the cache it leaves is dropped before the timed run."""
+    """Beam search wall-clock with prefix caching on and off (same seeds, same N): vLLM's prefix cache
+    for the generator and --verifier_prefix_cache for the PRM. Both engines are built and warmed up
+    (an untimed 2-problem search) first; then the timed runs alternate on, off, on, off, ... with the
+    prefix cache reset before each cached run, and each setting's median times are reported."""
     from utils.generation import VLLMBackend
-    out, key, keep = {}, f"cache_check/beam@{args.cache_check}", args.verifier_prefix_cache
+    key, keep, gens = f"cache_check/beam@{args.cache_check}", args.verifier_prefix_cache, {}
     for on in (True, False):
-        gen = VLLMBackend(args.model, enable_prefix_caching=on, seed=args.seed)
+        gens[on] = VLLMBackend(args.model, enable_prefix_caching=on, seed=args.seed)
         args.verifier_prefix_cache = on
         random.seed(args.seed + 1)
-        beam_search(gen, texts[:2], prompts[:2], golds[:2], args.beam_width, args.beam_width, fn, args, {"calls": 0, "tokens": 0})
-        gen.llm.reset_prefix_cache()
-        random.seed(args.seed)
-        ledger, t = {"calls": 0, "tokens": 0}, time.time()
-        beam_search(gen, texts, prompts, golds, args.cache_check, args.beam_width, fn, args, ledger)
-        sfx = "on" if on else "off"
-        out[f"{key}/seconds_caching_{sfx}"] = time.time() - t
-        out[f"{key}/generation_seconds_caching_{sfx}"] = ledger["gen_seconds"]
-        out[f"{key}/verifier_seconds_caching_{sfx}"] = ledger.get("verify_seconds", 0.0)
-        out[f"{key}/tokens_caching_{sfx}"] = ledger["tokens"]
-        del gen
+        beam_search(gens[on], texts[:2], prompts[:2], golds[:2], args.beam_width, args.beam_width, fn, args,
+                    {"calls": 0, "tokens": 0})
+    runs = {True: [], False: []}
+    for _ in tqdm(range(max(1, args.cache_check_repeats)), desc="cache check"):
+        for on in (True, False):
+            gens[on].llm.reset_prefix_cache()
+            args.verifier_prefix_cache = on
+            random.seed(args.seed)
+            ledger, t = {"calls": 0, "tokens": 0}, time.time()
+            beam_search(gens[on], texts, prompts, golds, args.cache_check, args.beam_width, fn, args, ledger)
+            runs[on].append({"seconds": time.time() - t, "generation_seconds": ledger["gen_seconds"],
+                             "verifier_seconds": ledger.get("verify_seconds", 0.0), "tokens": ledger["tokens"]})
+    del gens
     args.verifier_prefix_cache = keep
+    out = {}
+    for on, sfx in ((True, "on"), (False, "off")):
+        for k in ("seconds", "generation_seconds", "verifier_seconds", "tokens"):
+            out[f"{key}/{k}_caching_{sfx}"] = statistics.median(r[k] for r in runs[on])
+        out[f"{key}/all_seconds_caching_{sfx}"] = [r["seconds"] for r in runs[on]]
     x = {k: (out[f"{key}/{k}_caching_on"], out[f"{key}/{k}_caching_off"]) for k in ("seconds", "generation_seconds", "verifier_seconds")}
     out["cache_check/speedup"] = x["seconds"][1] / x["seconds"][0]
     out["cache_check/generation_speedup"] = x["generation_seconds"][1] / x["generation_seconds"][0]
     out["cache_check/verifier_speedup"] = x["verifier_seconds"][1] / max(x["verifier_seconds"][0], 1e-9)
-    print(f"prefix caching, beam@{args.cache_check}: {x['seconds'][0]:.1f}s with, {x['seconds'][1]:.1f}s without "
-          f"({out['cache_check/speedup']:.2f}x); generator (vLLM) {x['generation_seconds'][0]:.1f}s / "
-          f"{x['generation_seconds'][1]:.1f}s ({out['cache_check/generation_speedup']:.2f}x); verifier "
-          f"{x['verifier_seconds'][0]:.1f}s / {x['verifier_seconds'][1]:.1f}s ({out['cache_check/verifier_speedup']:.2f}x)")
+    print(f"prefix caching, beam@{args.cache_check} (median of {len(runs[True])} runs each): {x['seconds'][0]:.1f}s with, "
+          f"{x['seconds'][1]:.1f}s without ({out['cache_check/speedup']:.2f}x); generator (vLLM) "
+          f"{x['generation_seconds'][0]:.1f}s / {x['generation_seconds'][1]:.1f}s "
+          f"({out['cache_check/generation_speedup']:.2f}x); verifier {x['verifier_seconds'][0]:.1f}s / "
+          f"{x['verifier_seconds'][1]:.1f}s ({out['cache_check/verifier_speedup']:.2f}x)")
+    print("  each run with / without:", " | ".join(f"{a:.1f}s / {b:.1f}s" for a, b in
+                                                  zip(out[f"{key}/all_seconds_caching_on"], out[f"{key}/all_seconds_caching_off"])))
     return out
 
 

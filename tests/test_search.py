@@ -153,11 +153,14 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     out = tmp_path / "cache"
     r = subprocess.run([sys.executable, "search.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out),
                         "--prm", str(prm_out / "mc"), "--orm", str(prm_out / "outcome"), "--n_problems", "2", "--methods", "maj,beam",
-                        "--ns", "4", "--search_ns", "4", "--max_depth", "2", "--max_tokens", "30", "--cache_check", "4"],
+                        "--ns", "4", "--search_ns", "4", "--max_depth", "2", "--max_tokens", "30", "--cache_check", "4",
+                        "--cache_check_repeats", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     t = {k: res[f"cache_check/beam@4/{k}"] for k in ("seconds_caching_on", "seconds_caching_off",
                                                       "tokens_caching_on", "tokens_caching_off")}
-    assert min(t.values()) > 0 and "prefix caching, beam@4:" in r.stdout
+    assert min(t.values()) > 0 and "prefix caching, beam@4 (median of 2 runs each)" in r.stdout
     assert res["cache_check/speedup"] == pytest.approx(t["seconds_caching_off"] / t["seconds_caching_on"])
+    runs = res["cache_check/beam@4/all_seconds_caching_on"]  # two timed runs, the median reported
+    assert len(runs) == 2 and t["seconds_caching_on"] == pytest.approx(sum(runs) / 2)
