@@ -1,20 +1,21 @@
 """eval.py: benchmark harness, PRM evaluation and reports.
 
-Policy evaluation on benchmark JSONL files ({problem, answer}: the files in ../shared/data/ by name,
-the toy test split, or any path): greedy pass@1, or n samples per problem giving pass@k with the
-unbiased estimator of Chen et al. 2021 (arXiv 2107.03374) and maj@k. Outputs are appended per batch,
-so rerunning the same command resumes where a killed run stopped.
+Policy evaluation on benchmark JSONL files ({problem, answer}: the files in data/ by name, the toy
+test split, or any path): greedy pass@1, or n samples per problem giving pass@k with the unbiased
+estimator of Chen et al. 2021 (arXiv 2107.03374) and maj@k. Outputs are appended per batch, so
+rerunning the same command resumes where a killed run stopped. A prompt longer than the model's
+context is recorded as unanswered (counted wrong; `n_too_long` in results.json).
 
-PRM evaluation: ProcessBench (Zheng et al., arXiv 2412.06559): the predicted error is the first step
-whose score is below the threshold (or -1), F1 = harmonic mean of the accuracy on erroneous and on
-correct solutions, per split and averaged; the toy ProcessBench (toy-policy samples labelled by the
-exact checker) with an "every step correct" baseline (F1 0 by definition) and the oracle (1.0); and
-best-of-k reranking of a samples file with a PRM.
+Verifier evaluation (any verifier dir, utils/verifiers.py): ProcessBench (Zheng et al., arXiv
+2412.06559): the predicted error is the first step whose score is below the threshold (or -1), F1 =
+harmonic mean of the accuracy on erroneous and on correct solutions, per split and averaged; the toy
+ProcessBench (toy-policy samples labelled by the exact checker) with an "every step correct" baseline
+(F1 0 by definition) and the oracle (1.0); and best-of-k reranking of a samples file with a verifier.
 
     python eval.py                                          # toy: policy on the toy test split (+ toy PRM)
     python eval.py --model DIR --data math500,gsm8k_test --n_samples 16 --k 1,4,16 --temperature 0.7 --out_dir OUT
-    python eval.py --prm runs/prm/mc --processbench processbench_gsm8k,processbench_math --out_dir OUT
-    python eval.py --prm runs/prm/mc --rerank OUT/math500/samples.jsonl --k 1,4,16
+    python eval.py --verifier runs/prm/mc --processbench processbench_gsm8k,processbench_math --out_dir OUT
+    python eval.py --verifier runs/prm/mc --rerank OUT/math500/samples.jsonl --k 1,4,16
     python eval.py --compare runs/eval_a,runs/eval_b
     torchrun --nproc_per_node 8 eval.py --model DIR --data math500  # each rank a slice, rank 0 merges
 """
@@ -33,13 +34,15 @@ from tqdm import tqdm
 
 from utils.data import build_prompt, load_problems, read_jsonl, resolve_data, split_steps
 from utils.grader import extract_answer, is_equiv
-from utils.train import parse_args, setup_dist, write_json
+from utils.train import run_main, setup_dist, write_json
+from utils.verifiers import (AnswerGroups, aggregate, best_of_n, first_error_prediction, load_verifier,
+                             processbench_f1, weighted_vote)
 
 
 @dataclass
 class Args:
     model: str = field(default="", metadata={"help": "policy to evaluate (HF dir or hub id); empty: the toy policy"})
-    data: str = field(default="", metadata={"help": "comma list of benchmark JSONL paths or shared/data names (default: toy test)"})
+    data: str = field(default="", metadata={"help": "comma list of benchmark JSONL paths or data/ names (default: toy test)"})
     limit: int = field(default=0, metadata={"help": "first n problems of each benchmark (0: all)"})
     n_samples: int = field(default=1, metadata={"help": "samples per problem (n of pass@k)"})
     k: str = field(default="1", metadata={"help": "comma list of k for pass@k and maj@k (k <= n)"})
@@ -50,10 +53,12 @@ class Args:
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
     tensor_parallel: int = field(default=1, metadata={"help": "vLLM tensor parallel size (large models)"})
     batch_problems: int = field(default=64, metadata={"help": "problems per generation batch (the unit a kill can lose)"})
-    prm: str = field(default="", metadata={"help": "PRM dir from prm_train.py, for ProcessBench / reranking"})
+    verifier: str = field(default="", metadata={"help": "verifier dir (utils/verifiers.py) or oracle, for ProcessBench / reranking"})
+    verifier_format: str = field(default="", metadata={"help": "format of a verifier dir without verifier.json: "
+                                                               "qwen-prm | math-shepherd | trl (default: detected)"})
     processbench: str = field(default="", metadata={"help": "comma list of ProcessBench JSONL files or names"})
     threshold: float = field(default=0.5, metadata={"help": "ProcessBench: first step scored below this is the error"})
-    rerank: str = field(default="", metadata={"help": "a samples.jsonl written by this script, reranked with --prm"})
+    rerank: str = field(default="", metadata={"help": "a samples.jsonl written by this script, reranked with --verifier"})
     agg: str = field(default="min", metadata={"help": "step aggregation for reranking: min | last | prod | mean"})
     toy_processbench: int = field(default=0, metadata={"help": "toy ProcessBench size (policy samples on toy test)"})
     compare: str = field(default="", metadata={"help": "comma list of out_dirs: print their results side by side"})
@@ -63,7 +68,7 @@ class Args:
 
 
 TOY = dict(n_samples=16, k="1,4,16", temperature=1.0, max_tokens=200, backend="hf", toy_processbench=500,
-           prm="runs/prm/mc")
+           verifier="runs/prm/mc")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -91,7 +96,7 @@ def maj_at_k(answers: list, correct: list, k: int) -> float:
 
 def summarize(rows: list[dict], ks: list[int]) -> dict:
     n = len(rows[0]["correct"]) if rows else 0
-    res = {"n": len(rows), "samples_per_problem": n,
+    res = {"n": len(rows), "samples_per_problem": n, "n_too_long": sum(bool(r.get("too_long")) for r in rows),
            "pass@1": sum(sum(r["correct"]) / len(r["correct"]) for r in rows) / max(1, len(rows))}
     for k in ks:
         if k > n:
@@ -153,7 +158,7 @@ def eval_benchmark(gen, name: str, problems: list[dict], args: Args, dist, out: 
             answers = [extract_answer(c.text) for c in o]
             gold = str(problems[i]["answer"])
             rows.append({"idx": i, "problem": problems[i]["problem"], "answer": gold, "prompt": p,
-                         "completions": [c.text for c in o], "answers": answers,
+                         "too_long": o[0].finish == "too_long", "completions": [c.text for c in o], "answers": answers,
                          "correct": [is_equiv(a, gold) for a in answers], "tokens": [len(c.token_ids) for c in o]})
         append_rows(mine, rows)
         bar.update(len(idx))
@@ -174,43 +179,31 @@ def eval_benchmark(gen, name: str, problems: list[dict], args: Args, dist, out: 
     return res
 
 
-# ----------------------------------------------------------------------------- PRM evaluation
-def processbench_eval(score_fn, rows: list[dict], thresholds=(0.5,)) -> dict:
-    """F1 at each threshold from per-step scores (score_fn(rows) -> lists)."""
-    from prm_train import first_error_prediction, processbench_f1
-    scores = score_fn(rows)
+# ----------------------------------------------------------------------------- verifier evaluation
+SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def processbench_eval(verifier, rows: list[dict], thresholds=(0.5,)) -> dict:
+    """F1 at each threshold from a verifier's per-step scores of ProcessBench rows {problem, steps, label}."""
+    scores = verifier.score([r["problem"] for r in rows], [r["steps"] for r in rows])
     labels = [r["label"] for r in rows]
     return {f"{t}": processbench_f1([first_error_prediction(s, t) for s in scores], labels) for t in thresholds}
 
 
-def prm_score_fn(prm_dir: str):
-    from prm_train import load_prm, score_steps
-    prm, tok, meta = load_prm(prm_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    return lambda rows: score_steps(prm, tok, [r["problem"] for r in rows], [r["steps"] for r in rows],
-                                    meta["step_tag"], meta["chat"])
+class AllCorrect:
+    """The "every step correct" baseline of the toy ProcessBench (F1 0 by definition)."""
+    tokens = 0
+
+    def score(self, problems, steps_lists):
+        return [[1.0] * len(s) for s in steps_lists]
 
 
-def oracle_score_fn(rows):
-    from utils.toy import check_steps
-    out = []
-    for r in rows:
-        c = check_steps(r["problem"], r["steps"], r.get("answer"))
-        out.append([float(c.first_error == -1 or i < c.first_error) for i in range(len(r["steps"]))])
-    return out
-
-
-SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def rerank(path: str, prm_dir: str, ks: list[int], agg: str) -> dict:
-    """Best-of-k and PRM-weighted vote over each samples.jsonl row's completions (disjoint groups)."""
-    from search import AnswerGroups, aggregate, best_of_n, weighted_vote
+def rerank(path: str, verifier, ks: list[int], agg: str) -> dict:
+    """Best-of-k and verifier-weighted vote over each samples.jsonl row's completions (disjoint groups)."""
     rows = read_jsonl(path, required=("problem", "completions", "answers", "correct"))
-    from prm_train import load_prm, score_steps
-    prm, tok, meta = load_prm(prm_dir)
     res = {}
-    flat = score_steps(prm, tok, [r["problem"] for r in rows for _ in r["completions"]],
-                       [split_steps(c) or [c] for r in rows for c in r["completions"]], meta["step_tag"], meta["chat"])
+    flat = verifier.score([r["problem"] for r in rows for _ in r["completions"]],
+                          [split_steps(c) or [c] for r in rows for c in r["completions"]])
     j = 0
     per = []
     for r in rows:
@@ -309,27 +302,24 @@ def main(args: Args):
                 results[bench] = res
                 print(f"{bench}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in res.items() if "@" in k), flush=True)
         if toy and args.toy_processbench and dist.main:  # toy ProcessBench from the same policy
-            from prm_train import toy_processbench
+            from utils.data import write_jsonl
+            from utils.toy import toy_processbench
             pb_path = out / "toy_processbench.jsonl"
             if not pb_path.exists():
-                from types import SimpleNamespace
-
-                from utils.data import write_jsonl
-                pa = SimpleNamespace(chat=args.chat, temperature=1.0, max_new_tokens=args.max_tokens, seed=args.seed)
                 test = read_jsonl(tdir / "test.jsonl")[: args.toy_processbench]
-                write_jsonl(pb_path, toy_processbench(gen, gen.tokenizer, test, pa))
+                write_jsonl(pb_path, toy_processbench(gen, test, args.chat, 1.0, args.max_tokens, args.seed))
         del gen
     if not dist.main:
         if dist.on:
             torch.distributed.destroy_process_group()
         return
 
-    # 2. PRM on ProcessBench files, and on the toy ProcessBench with its two reference points
+    # 2. the verifier on ProcessBench files, and on the toy ProcessBench with its two reference points
     pb = {}
     if args.processbench:
-        if not args.prm:
-            raise ValueError("--processbench needs --prm")
-        fn = prm_score_fn(args.prm)
+        if not args.verifier:
+            raise ValueError("--processbench needs --verifier")
+        fn = load_verifier(args.verifier, fmt=args.verifier_format)
         for name in args.processbench.split(","):
             rows = read_jsonl(resolve_data(name), required=("problem", "steps", "label"))
             split = Path(name).stem.replace("processbench_", "")
@@ -339,19 +329,20 @@ def main(args: Args):
         pb["average"] = {"f1": sum(v["f1"] for v in pb.values()) / len(pb)}
     if toy and (out / "toy_processbench.jsonl").exists():
         rows = read_jsonl(out / "toy_processbench.jsonl")
-        fns = {"all_correct": lambda rs: [[1.0] * len(r["steps"]) for r in rs], "oracle": oracle_score_fn}
-        if args.prm and (Path(args.prm) / "prm.json").exists():
-            fns["prm"] = prm_score_fn(args.prm)
+        fns = {"all_correct": AllCorrect(), "oracle": load_verifier("oracle")}
+        if args.verifier and Path(args.verifier).is_dir():
+            fns["prm"] = load_verifier(args.verifier, fmt=args.verifier_format)
         for who, fn in fns.items():
             pb[f"toy/{who}"] = processbench_eval(fn, rows, (args.threshold,))[f"{args.threshold}"]
             print(f"toy ProcessBench, {who}: F1 {pb[f'toy/{who}']['f1']:.3f}", flush=True)
     results.update(flatten(pb, "processbench/"))  # processbench/{split}/f1, processbench/average/f1, .../toy/prm/f1
 
-    # 3. reranking a samples file with the PRM
+    # 3. reranking a samples file with the verifier
     if args.rerank:
-        if not args.prm:
-            raise ValueError("--rerank needs --prm")
-        results["rerank"] = rerank(args.rerank, args.prm, [int(x) for x in args.k.split(",")], args.agg)
+        if not args.verifier:
+            raise ValueError("--rerank needs --verifier")
+        results["rerank"] = rerank(args.rerank, load_verifier(args.verifier, fmt=args.verifier_format),
+                                   [int(x) for x in args.k.split(",")], args.agg)
         print(results["rerank"])
 
     if len(results) == 1 and isinstance(next(iter(results.values())), dict) and "rerank" not in results:
@@ -368,4 +359,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, TOY))
+    run_main(main, Args, TOY)

@@ -35,7 +35,6 @@ Deviations from the papers:
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -50,8 +49,10 @@ from tqdm import tqdm
 from utils.data import build_prompt, first_error_truncate, load_problems, read_jsonl, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import grade
-from utils.train import (MetricsLog, gather_lists, latest_checkpoint, parse_args, save_checkpoint, seed_all,
-                         setup_dist, unwrap, write_json)
+from utils.train import (MetricsLog, gather_lists, latest_checkpoint, run_main, save_checkpoint, seed_all, setup_dist,
+                         unwrap, write_json)
+from utils.verifiers import (build_prm, collate, encode, first_error_prediction, load_verifier, make_batches,
+                             processbench_f1)
 
 
 @dataclass
@@ -121,133 +122,11 @@ TOY = dict(n_problems=1800, samples_per_problem=2, temperature=1.0, rollout_temp
            max_len=1024, eval_problems=500, baselines="outcome")
 
 
-# ----------------------------------------------------------------------------- encoding
-@functools.lru_cache(maxsize=1 << 16)
-def _ids(tok, text: str) -> tuple:
-    """tok.encode, memoized per tokenizer object (never changed after loading here): search.py rescores
-    the same problems and parent steps at every depth of a beam search."""
-    return tuple(tok.encode(text, add_special_tokens=False))
-
-
-def encode(tok, problem: str, steps: list[str], step_tag: str, chat: bool = False, max_len: int = 2048):
-    """Prompt ids, then per step: its ids + the tag's ids (appended at the token level, never by
-    re-tokenizing a joined string). Returns (ids, tag positions); steps past max_len are dropped."""
-    ids = list(_ids(tok, build_prompt(problem, tok, chat)))
-    tag, tags = list(_ids(tok, step_tag)), []
-    for s in steps:
-        nxt = ids + list(_ids(tok, s)) + tag
-        if len(nxt) > max_len:
-            break
-        ids = nxt
-        tags.append(len(ids) - 1)
-    return ids, tags
-
-
-def make_batches(examples: list[dict], batch_tokens: int, rng: random.Random, window: int = 256) -> list[list[dict]]:
-    """Micro-batches of at most batch_tokens padded tokens: examples are shuffled, then sorted by length
-    within windows of `window` (little padding, yet each batch a random mix of problems)."""
-    order = examples[:]
-    rng.shuffle(order)
-    batches = []
-    for w in range(0, len(order), window):
-        cur = []
-        for e in sorted(order[w: w + window], key=lambda e: len(e["ids"])):
-            if cur and (len(cur) + 1) * len(e["ids"]) > batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(e)
-        batches += [cur] if cur else []
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(batch: list[dict], pad_id: int, device):
-    T = max(len(e["ids"]) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    tag_b, tag_t, target = [], [], []
-    for r, e in enumerate(batch):
-        ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
-        mask[r, : len(e["ids"])] = 1
-        tag_b += [r] * len(e["tags"])
-        tag_t += e["tags"]
-        target += e.get("labels", [0.0] * len(e["tags"]))
-    return (ids.to(device), mask.to(device), torch.tensor(tag_b, device=device), torch.tensor(tag_t, device=device),
-            torch.tensor(target, dtype=torch.float, device=device))  # tags: (N,)
-
-
-# ----------------------------------------------------------------------------- model
-class PRM(torch.nn.Module):
-    """Wraps an HF model; forward returns the logit of P(step correct) at each tag, shape (N,)."""
-
-    def __init__(self, model, head: str, pos_id: int | None = None, neg_id: int | None = None):
-        super().__init__()
-        self.model, self.head, self.pos_id, self.neg_id = model, head, pos_id, neg_id
-
-    def forward(self, ids, mask, tag_b, tag_t, cache=None, position_ids=None):
-        """`cache` (a transformers Cache, filled in place) and `position_ids` let a caller run a shared
-        prefix once and its continuations after it (search.py's beam siblings); mask then spans both."""
-        kw = dict(attention_mask=mask, past_key_values=cache, use_cache=cache is not None, position_ids=position_ids)
-        if self.head == "cls":  # token classification: label 1 = correct
-            logits = self.model(input_ids=ids, **kw).logits[tag_b, tag_t]  # (N, 2)
-            return logits[:, 1] - logits[:, 0]
-        h = self.model.base_model(input_ids=ids, **kw).last_hidden_state[tag_b, tag_t]  # (N, H)
-        logits = self.model.get_output_embeddings()(h)  # (N, V): only at tags, not (B, T, V)
-        return logits[:, self.pos_id] - logits[:, self.neg_id]  # 2-way softmax over (+, -) == sigmoid of this
-
-
-def single_token_id(tok, text: str) -> int:
-    ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"label token {text!r} is {len(ids)} tokens in this tokenizer; pick a single-token one")
-    return ids[0]
-
-
-def build_prm(path: str, head: str, pos_token: str, neg_token: str, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if head == "cls":
-        model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1},
-            dtype=dtype)
-        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return PRM(model, "cls"), tok
-    if head != "lm2":
-        raise ValueError(f"unknown head {head!r} (lm2 or cls)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return PRM(model, "lm2", single_token_id(tok, pos_token), single_token_id(tok, neg_token)), tok
-
-
-def load_prm(path: str, device="cpu"):
-    """A trained PRM dir (written by this script) -> (PRM, tokenizer, meta). Used by search.py and eval.py."""
-    meta = json.loads((Path(path) / "prm.json").read_text())
-    prm, tok = build_prm(path, meta["head"], meta["pos_token"], meta["neg_token"])
-    return prm.to(device).eval(), tok, meta
-
-
-@torch.no_grad()
-def score_steps(prm: PRM, tok, problems: list[str], steps_lists: list[list[str]], step_tag: str = "\n\n",
-                chat: bool = False, batch_tokens: int = 16384, max_len: int = 4096) -> list[list[float]]:
-    """Per-step P(correct) for each solution, one forward pass per solution, batched by tokens. Steps
-    that do not fit max_len get the last fitted step's score (so a list always matches its steps)."""
-    prm.eval()
-    dev = next(prm.parameters()).device
-    ex = [dict(zip(("ids", "tags"), encode(tok, p, s, step_tag, chat, max_len)), i=i)
-          for i, (p, s) in enumerate(zip(problems, steps_lists))]
-    out: list[list[float]] = [[] for _ in problems]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(ex, batch_tokens, random.Random(0))
-    for batch in tqdm(batches, desc="PRM scoring", leave=False, disable=len(batches) < 50):
-        ids, mask, tb, tt, _ = collate(batch, pad, dev)
-        p = torch.sigmoid(prm(ids, mask, tb, tt).float()).tolist() if len(tt) else []
-        k = 0
-        for e in batch:
-            out[e["i"]] = p[k: k + len(e["tags"])]
-            k += len(e["tags"])
-    for i, s in enumerate(steps_lists):
-        out[i] = (out[i] + [out[i][-1] if out[i] else 0.5] * len(s))[: len(s)]
-    return out
+# ----------------------------------------------------------------------------- the PRM's verifier.json
+def prm_meta(args: Args) -> dict:
+    """How the PRM reads a solution (utils/verifiers.py, kind prm): head, label tokens, step tag, prompt."""
+    return {"kind": "prm", "head": args.head, "pos_token": args.pos_token, "neg_token": args.neg_token,
+            "step_tag": args.step_tag, "chat": args.chat}
 
 
 # ----------------------------------------------------------------------------- labels from rollouts
@@ -270,10 +149,9 @@ def select_convincing(groups: list[list[dict]], args: Args) -> list[list[dict]]:
     product of its step scores, the paper's solution score); per problem keep the select_wrong share of
     samples_per_problem as the most convincing wrong-answer samples, the rest as the most convincing
     of what remains (right or wrong)."""
-    prm, tok, meta = load_prm(args.select_prm, "cuda" if torch.cuda.is_available() else "cpu")
+    verifier = load_verifier(args.select_prm, batch_tokens=args.batch_tokens, max_len=args.max_len)
     flat = [r for g in groups for r in g]
-    scores = score_steps(prm, tok, [r["problem"] for r in flat], [r["steps"] for r in flat], meta["step_tag"],
-                         meta["chat"], args.batch_tokens, args.max_len)
+    scores = verifier.score([r["problem"] for r in flat], [r["steps"] for r in flat])
     for r, s in zip(flat, scores):
         r["select_score"] = math.prod(s)
     n_wrong = round(args.select_wrong * args.samples_per_problem)
@@ -370,25 +248,11 @@ def to_stepwise(rows: list[dict], first_error: bool) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation (ProcessBench)
-def first_error_prediction(scores: list[float], threshold: float) -> int:
-    return next((i for i, p in enumerate(scores) if p < threshold), -1)
-
-
-def processbench_f1(preds: list[int], labels: list[int]) -> dict:
-    """ProcessBench: accuracy on erroneous solutions (exact earliest-error index), on correct ones
-    (predict -1), and their harmonic mean."""
-    err = [p == y for p, y in zip(preds, labels) if y != -1]
-    cor = [p == -1 for p, y in zip(preds, labels) if y == -1]
-    a_err, a_cor = sum(err) / max(1, len(err)), sum(cor) / max(1, len(cor))
-    f1 = 2 * a_err * a_cor / (a_err + a_cor) if a_err + a_cor else 0.0
-    return {"f1": f1, "acc_erroneous": a_err, "acc_correct": a_cor, "n_erroneous": len(err), "n_correct": len(cor)}
-
-
-def evaluate(prm, tok, rows: list[dict], args: Args, kinds: list[str] | None = None) -> dict:
+def evaluate(verifier, rows: list[dict], args: Args, kinds: list[str] | None = None) -> dict:
     """ProcessBench F1 at the threshold (and a sweep), plus step accuracy on the labelled steps; with
-    `kinds` (the kind of each row's first error), how many of each kind the PRM locates."""
-    scores = score_steps(prm, tok, [r["problem"] for r in rows], [r["steps"] for r in rows], args.step_tag,
-                         args.chat, args.batch_tokens, args.max_len)
+    `kinds` (the kind of each row's first error), how many of each kind the PRM locates. `verifier` is
+    the saved PRM dir loaded through utils/verifiers.py, so training and search read the same scores."""
+    scores = verifier.score([r["problem"] for r in rows], [r["steps"] for r in rows])
     labels = [r["label"] for r in rows]
     preds = [first_error_prediction(s, args.threshold) for s in scores]
     res = processbench_f1(preds, labels)
@@ -403,32 +267,19 @@ def evaluate(prm, tok, rows: list[dict], args: Args, kinds: list[str] | None = N
     return res
 
 
-def toy_processbench(gen, tok, problems: list[dict], args: Args) -> list[dict]:
-    """Policy samples on held-out toy problems, labelled by the exact checker (ProcessBench's fields)."""
-    from utils.toy import check_steps
-    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
-    outs = gen.sample(prompts, n=1, temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed + 1)
-    rows = []
-    for p, o in zip(problems, outs):
-        steps = split_steps(o[0].text) or [o[0].text]
-        c = check_steps(p["problem"], steps, p["answer"])
-        rows.append({"problem": p["problem"], "steps": steps, "label": c.first_error,
-                     "final_answer_correct": c.answer_correct})
-    return rows
-
-
 # ----------------------------------------------------------------------------- training
-def train(name: str, init: str, stepwise: list[dict], args: Args, dist, log) -> tuple:
-    """Fine-tune a PRM from `init` on stepwise rows; saves out_dir/<name>/ (HF dir + prm.json)."""
+def train(name: str, init: str, stepwise: list[dict], args: Args, dist, log) -> Path:
+    """Fine-tune a PRM from `init` on stepwise rows; saves out_dir/<name>/ (HF dir + verifier.json)."""
     out = Path(args.out_dir) / name
     seed_all(args.seed)
     dtype = torch.float32
-    prm, tok = build_prm(init, args.head, args.pos_token, args.neg_token, dtype)
+    meta = prm_meta(args)
+    prm, tok = build_prm(init, meta, dtype)
     if args.grad_ckpt:
         prm.model.gradient_checkpointing_enable()
     examples = []
     for r in stepwise:
-        ids, tags = encode(tok, r["prompt"], r["completions"], args.step_tag, args.chat, args.max_len)
+        ids, tags = encode(tok, r["prompt"], r["completions"], meta, args.max_len)
         if tags:
             examples.append({"ids": ids, "tags": tags, "labels": [float(y) for y in r["labels"][: len(tags)]]})
     if not examples:
@@ -488,11 +339,11 @@ def train(name: str, init: str, stepwise: list[dict], args: Args, dist, log) -> 
     if dist.main:
         prm.model.save_pretrained(out)
         tok.save_pretrained(out)
-        meta = {"head": args.head, "pos_token": args.pos_token, "neg_token": args.neg_token,
-                "step_tag": args.step_tag, "chat": args.chat, "labels": name, "train_steps": total,
-                "train_solutions": len(examples), "train_tags": sum(len(e["tags"]) for e in examples)}
-        (out / "prm.json").write_text(json.dumps(meta, indent=2))
-    return prm.eval(), tok
+        meta.update(labels=name, train_steps=total, train_solutions=len(examples),
+                    train_tags=sum(len(e["tags"]) for e in examples))
+        write_json(out / "verifier.json", meta)
+        (out / "prm.json").unlink(missing_ok=True)  # an older run's file in the same dir
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -507,7 +358,7 @@ def main(args: Args):
     log = MetricsLog(out, enabled=dist.main)
     toy = not args.model
     if toy:
-        from utils.toy import ensure_toy
+        from utils.toy import ensure_toy, toy_processbench
         tdir = Path(args.toy_dir) if args.toy_dir else ensure_toy()
         args.model = str(tdir / "policy")
         args.data = args.data or str(tdir / "train.jsonl")
@@ -518,8 +369,8 @@ def main(args: Args):
         raise ValueError("--labels exact needs the toy world's checker (leave --model empty)")
     if args.init and not (Path(args.init) / "config.json").exists():
         raise ValueError(f"--init {args.init}: not a local model dir (no config.json)")
-    if args.select_prm and not (Path(args.select_prm) / "prm.json").exists():
-        raise ValueError(f"--select_prm {args.select_prm}: not a PRM dir written by prm_train.py (no prm.json)")
+    if args.select_prm and not any((Path(args.select_prm) / f).exists() for f in ("verifier.json", "prm.json")):
+        raise ValueError(f"--select_prm {args.select_prm}: not a verifier dir (no verifier.json)")
     if args.select_prm and not (args.select_from >= args.samples_per_problem and 0 <= args.select_wrong <= 1):
         raise ValueError("--select_from must be >= --samples_per_problem and --select_wrong in [0, 1]")
     results, gen = {"labels": args.labels}, None
@@ -538,6 +389,7 @@ def main(args: Args):
             problems = load_problems(args.data, args.n_problems or None)
             t = time.time()
             rows = gather_lists(dist, sample_solutions(gen, gen.tokenizer, problems[dist.rank::dist.world], args))
+            spent["n_too_long"] = sum(gather_lists(dist, [gen.n_too_long]))  # prompts over the context: no samples
             if dist.main:
                 print(f"sampled {len(rows)} solutions ({sum(r['correct'] for r in rows)} right) in {time.time() - t:.0f}s")
         missing = [src for src in sources if f"labels_{src}" not in rows[0]] if rows else []
@@ -571,7 +423,8 @@ def main(args: Args):
         for src in sources:  # an ORM's every step carries the outcome: no first-error truncation there
             stepwise[src] = to_stepwise([{**r, "labels": r[f"labels_{src}"]} for r in rows],
                                         args.first_error and src != "outcome")
-        for src, s in spent.items():
+        results["n_too_long"] = spent.get("n_too_long", 0)
+        for src, s in ((k, v) for k, v in spent.items() if isinstance(v, dict)):
             results[f"rollouts_per_solution/{src}"] = s["rollouts"] / max(1, s["solutions"])
             if dist.main:
                 print(f"{src}: {s['rollouts']} rollouts for {s['solutions']} solutions "
@@ -596,7 +449,8 @@ def main(args: Args):
             eval_rows = read_jsonl(ev_path)
         else:
             gen = gen or load_backend(policy, backend=args.backend, max_model_len=args.max_len)
-            eval_rows = toy_processbench(gen, gen.tokenizer, toy_test[: args.eval_problems], args)
+            eval_rows = toy_processbench(gen, toy_test[: args.eval_problems], args.chat, args.temperature,
+                                         args.max_new_tokens, args.seed)
             write_jsonl(ev_path, eval_rows)
         results["eval_error_rate"] = sum(r["label"] != -1 for r in eval_rows) / max(1, len(eval_rows))
     del gen
@@ -608,9 +462,10 @@ def main(args: Args):
     # 3. train one PRM per label source on the same solutions and the same number of steps; evaluate
     for src, rows_src in stepwise.items():
         name = Path(src).stem if src.endswith(".jsonl") else src
-        prm, tok = train(name, args.init or args.model, rows_src, args, dist, log)
+        path = train(name, args.init or args.model, rows_src, args, dist, log)
         if dist.main and eval_rows:
-            ev = evaluate(prm, tok, eval_rows, args, kinds)
+            ev = evaluate(load_verifier(str(path), dist.device, batch_tokens=args.batch_tokens, max_len=args.max_len),
+                          eval_rows, args, kinds)
             results[f"eval/{name}"] = ev
             print(f"{name:8s} ProcessBench F1 {ev['f1']:.3f} (erroneous {ev['acc_erroneous']:.3f}, "
                   f"correct {ev['acc_correct']:.3f}), step acc {ev['step_acc']:.3f}, sweep {ev['sweep']}")
@@ -633,4 +488,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, TOY))
+    run_main(main, Args, TOY)

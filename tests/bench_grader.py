@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.data import SHARED_DATA, read_jsonl  # noqa: E402
+from utils.data import DATA_DIR, read_jsonl  # noqa: E402
 from utils.grader import extract_answer, grade, is_equiv  # noqa: E402
 
 
@@ -81,13 +81,13 @@ def main():
         res["adversarial"] = adversarial(a.adversarial, a.timeout)
         print("adversarial:", res["adversarial"], flush=True)
     for name in ("math_test", "gsm8k_test"):
-        rows = read_jsonl(SHARED_DATA / f"{name}.jsonl")[: a.limit]
+        rows = read_jsonl(DATA_DIR / f"{name}.jsonl")[: a.limit]
         ok = sum(is_equiv(extract_answer(r["solution"]), r["answer"]) for r in rows)
         res[f"reference/{name}"] = f"{ok}/{len(rows)}"
         print(f"reference {name}: {ok}/{len(rows)}", flush=True)
     mv = math_verify_grade()
     for split in ("gsm8k", "math", "olympiadbench"):
-        rows = [r for r in read_jsonl(SHARED_DATA / f"processbench_{split}.jsonl") if r["answer"] is not None][: a.limit]
+        rows = [r for r in read_jsonl(DATA_DIR / f"processbench_{split}.jsonl") if r["answer"] is not None][: a.limit]
         res[f"processbench/{split}/n"] = len(rows)
         for who, fn in (("stepwise", grade), ("math_verify", mv)):
             if fn is None:

@@ -1,6 +1,6 @@
 """eval.py: pass@k / maj@k by hand, ProcessBench references (all-correct 0, oracle 1), end-to-end runs on
-the full MATH-500 and GSM8K files with a tiny model, ProcessBench + reranking with a tiny PRM, and a
-SIGKILL mid-run that a rerun completes with every problem evaluated exactly once."""
+the full MATH-500 and GSM8K files (shipped in data/) with a tiny model, ProcessBench + reranking with a
+tiny PRM, and a SIGKILL mid-run that a rerun completes with every problem evaluated exactly once."""
 import json
 import os
 import random
@@ -14,7 +14,6 @@ import pytest
 
 import eval as E
 from utils import toy
-from utils.data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +37,8 @@ def test_processbench_reference_points():
         c = toy.check_steps(p["problem"], steps, p["answer"])
         rows.append({"problem": p["problem"], "steps": steps, "label": c.first_error, "answer": p["answer"]})
     assert {r["label"] == -1 for r in rows} == {True, False}
-    all_ok = E.processbench_eval(lambda rs: [[1.0] * len(r["steps"]) for r in rs], rows)["0.5"]
-    oracle = E.processbench_eval(E.oracle_score_fn, rows)["0.5"]
+    all_ok = E.processbench_eval(E.AllCorrect(), rows)["0.5"]
+    oracle = E.processbench_eval(E.load_verifier("oracle"), rows)["0.5"]
     assert all_ok["f1"] == 0.0 and all_ok["acc_correct"] == 1.0
     assert oracle["f1"] == 1.0
 
@@ -59,7 +58,6 @@ def _run(args, timeout=900):
     return r
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_full_math500_and_gsm8k_end_to_end(long_model_dir, tmp_path):
     out = tmp_path / "ev"
     _run(["--model", str(long_model_dir), "--data", "math500,gsm8k_test", "--n_samples", "2", "--k", "1,2",
@@ -97,7 +95,7 @@ def test_processbench_and_rerank_with_a_prm(tiny_model_dir, tmp_path):
     pb = tmp_path / "processbench_small.jsonl"
     write_jsonl(pb, pb_rows[6:])
     out = tmp_path / "pb"
-    _run(["--prm", str(tmp_path / "prm"), "--processbench", str(pb),
+    _run(["--verifier", str(tmp_path / "prm"), "--processbench", str(pb),
           "--out_dir", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert 0 <= res["processbench/small/f1"] <= 1 and "processbench/average/f1" in res
@@ -105,7 +103,7 @@ def test_processbench_and_rerank_with_a_prm(tiny_model_dir, tmp_path):
     write_jsonl(samples, [{"idx": 0, "problem": "q", "answer": "2", "completions": ["1 + 1 = 2\n\nso \\boxed{2}", "\\boxed{3}"],
                            "answers": ["2", "3"], "correct": [True, False]}])
     out2 = tmp_path / "rr"
-    _run(["--prm", str(tmp_path / "prm"), "--rerank", str(samples), "--k", "1,2", "--out_dir", str(out2)])
+    _run(["--verifier", str(tmp_path / "prm"), "--rerank", str(samples), "--k", "1,2", "--out_dir", str(out2)])
     rr = json.loads((out2 / "results.json").read_text())["rerank"]
     assert rr["rerank/bon@1"] == 0.5 and rr["rerank/bon@2"] in (0.0, 1.0)
 
@@ -113,7 +111,7 @@ def test_processbench_and_rerank_with_a_prm(tiny_model_dir, tmp_path):
 def test_sigkill_then_resume_evaluates_each_problem_once(tiny_toy_dir, tmp_path):
     out = tmp_path / "kill"
     cmd = [sys.executable, "eval.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--n_samples", "2", "--k", "1,2",
-           "--max_tokens", "60", "--batch_problems", "2", "--toy_processbench", "0", "--prm", ""]
+           "--max_tokens", "60", "--batch_problems", "2", "--toy_processbench", "0", "--verifier", ""]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     f = out / "test" / "samples.jsonl"
     t = time.time()
@@ -133,7 +131,7 @@ def test_torchrun_ranks_take_slices_and_rank0_merges(tiny_toy_dir, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py",
                         "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--max_tokens", "20",
-                        "--n_samples", "1", "--k", "1", "--toy_processbench", "0", "--prm", ""],
+                        "--n_samples", "1", "--k", "1", "--toy_processbench", "0", "--verifier", ""],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "test" / "samples.jsonl").read_text().splitlines()]

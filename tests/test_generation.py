@@ -133,6 +133,15 @@ def test_many_seeded_requests(backend):
     assert len(out) == 64 and all(len(r) == 4 and all(len(s.token_ids) <= 8 for s in r) for r in out)
 
 
-def test_prompt_too_long_is_refused(hf_backend):
-    with pytest.raises(ValueError, match="max_model_len"):
-        hf_backend.sample([[5] * 600], n=1, max_tokens=4)
+def test_prompt_too_long_comes_back_unanswered(backend):
+    """A prompt over the context gets n empty "too_long" samples; the prompts beside it are generated
+    exactly as without it (same seeds per prompt), and the backend counts it."""
+    before = backend.n_too_long
+    ok = [backend.encode("Ana has 3 apples.")] * 2
+    out = backend.sample([ok[0], [5] * 600, ok[1]], n=2, temperature=1.0, max_tokens=6, seed=3)
+    assert [s.finish for s in out[1]] == ["too_long"] * 2 and all(s.token_ids == [] and s.text == "" for s in out[1])
+    assert backend.n_too_long == before + 1
+    if backend.name == "vllm":  # vLLM seeds prompt j with seed + j * n: its index in the request is kept
+        ref = backend.sample([ok[0], ok[0], ok[1]], n=2, temperature=1.0, max_tokens=6, seed=3)
+        assert [s.token_ids for s in out[2]] == [s.token_ids for s in ref[2]]
+    assert all(s.finish != "too_long" and s.token_ids for s in out[0] + out[2])

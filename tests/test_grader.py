@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from utils.data import SHARED_DATA, read_jsonl
+from utils.data import DATA_DIR, read_jsonl
 from utils.grader import extract_answer, grade, grade_batch, is_equiv
 
 EQUAL = {
@@ -103,16 +103,14 @@ def test_grade_batch_matches_grade():
     assert grade_batch(resp, gold, workers=2) == [grade(r, g) for r, g in zip(resp, gold)]
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_reference_solutions_grade_correct():
-    rows = read_jsonl(SHARED_DATA / "math_test.jsonl") + read_jsonl(SHARED_DATA / "gsm8k_test.jsonl")
+    rows = read_jsonl(DATA_DIR / "math_test.jsonl") + read_jsonl(DATA_DIR / "gsm8k_test.jsonl")
     bad = [r["answer"] for r in rows if not is_equiv(extract_answer(r["solution"]), r["answer"])]
     assert len(rows) == 6319 and not bad, bad[:10]
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_processbench_final_answer_agreement():
-    rows = [r for s in ("gsm8k", "math", "olympiadbench") for r in read_jsonl(SHARED_DATA / f"processbench_{s}.jsonl")
+    rows = [r for s in ("gsm8k", "math", "olympiadbench") for r in read_jsonl(DATA_DIR / f"processbench_{s}.jsonl")
             if r["answer"] is not None]
     preds = grade_batch(["\n\n".join(r["steps"]) for r in rows], [r["answer"] for r in rows])
     agree = sum(p == r["final_answer_correct"] for p, r in zip(preds, rows)) / len(rows)

@@ -1,5 +1,5 @@
-"""prm_train.py: encoding, heads, label makers (against a mock policy), ProcessBench F1, training, and
-end-to-end runs on the toy world and on real data formats."""
+"""prm_train.py: label makers (against a mock policy), active selection, training, and end-to-end runs on
+the toy world and on real data formats (encoding, heads and ProcessBench F1: test_verifiers.py)."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prm_train as P
-from utils.data import SHARED_DATA, from_processbench, from_prm800k, read_jsonl, write_jsonl
+from utils.data import DATA_DIR, from_processbench, from_prm800k, read_jsonl, write_jsonl
 from utils.generation import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,38 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def tok(tiny_model_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def test_encode_appends_tags_at_token_level(tok):
-    ids, tags = P.encode(tok, "What is 1+1?", ["1 + 1 = 2.", "The answer is \\boxed{2}."], "\n\n")
-    prompt = tok.encode(P.build_prompt("What is 1+1?"), add_special_tokens=False)
-    s1, s2, sep = (tok.encode(x, add_special_tokens=False) for x in ("1 + 1 = 2.", "The answer is \\boxed{2}.", "\n\n"))
-    assert ids == prompt + s1 + sep + s2 + sep
-    assert tags == [len(prompt + s1 + sep) - 1, len(ids) - 1] and len(tags) == 2
-    _, cut = P.encode(tok, "q", ["a" * 50, "b" * 50], "\n\n", max_len=len(prompt) + 60)
-    assert len(cut) == 1  # the step past max_len is dropped, not truncated mid-step
-
-
-def test_lm2_head_is_two_way_softmax_at_tags(tiny_model_dir, tok):
-    prm, _ = P.build_prm(str(tiny_model_dir), "lm2", "+", "-")
-    ids, tags = P.encode(tok, "q", ["x = 1", "y = 2"], "\n\n")
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        z = prm(x, torch.ones_like(x), torch.tensor([0, 0]), torch.tensor(tags))
-        full = prm.model(input_ids=x).logits[0]  # (T, V)
-    pos, neg = tok.encode("+", add_special_tokens=False)[0], tok.encode("-", add_special_tokens=False)[0]
-    want = torch.softmax(full[tags][:, [pos, neg]], -1)[:, 0]
-    assert torch.allclose(torch.sigmoid(z), want, atol=1e-5)
-    with pytest.raises(ValueError):
-        P.build_prm(str(tiny_model_dir), "lm2", "++", "-")  # label tokens must be single tokens
-
-
-def test_processbench_f1_by_hand():
-    # erroneous: labels 1, 2 (predicted 1, 0) -> 0.5; correct: 3 rows (predicted -1, -1, 0) -> 2/3
-    r = P.processbench_f1([1, 0, -1, -1, 0], [1, 2, -1, -1, -1])
-    assert r["acc_erroneous"] == 0.5 and abs(r["acc_correct"] - 2 / 3) < 1e-9
-    assert abs(r["f1"] - 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)) < 1e-9
-    assert P.first_error_prediction([0.9, 0.4, 0.2], 0.5) == 1 and P.first_error_prediction([0.9, 0.8], 0.5) == -1
 
 
 class MockPolicy:
@@ -114,8 +82,10 @@ def test_omega_binary_search_spends_log_rollouts(tok):
 def test_active_selection_keeps_convincing_wrong_answers(monkeypatch):
     """Let's Verify 4.2: per problem, the select_wrong share of the picks are the wrong-answer samples the
     selector scores highest (product of step scores); the rest the highest of what remains."""
-    monkeypatch.setattr(P, "load_prm", lambda path, device="cpu": (None, None, {"step_tag": "\n\n", "chat": False}))
-    monkeypatch.setattr(P, "score_steps", lambda prm, tok, problems, steps, *a: [[float(x) for x in s] for s in steps])
+    class StepsAreScores:  # a verifier whose step scores are written in the steps
+        def score(self, problems, steps):
+            return [[float(x) for x in s] for s in steps]
+    monkeypatch.setattr(P, "load_verifier", lambda path, **kw: StepsAreScores())
     row = lambda steps, ok: {"problem": "q", "steps": steps, "correct": ok}
     a = [row(["0.9", "0.9"], True), row(["0.5"], False), row(["0.95", "0.1"], False), row(["0.8"], False),
          row(["0.99"], True), row(["0.6"], False)]  # scores 0.81, 0.5, 0.095, 0.8, 0.99, 0.6
@@ -133,20 +103,21 @@ def test_training_fits_small_data(tiny_model_dir, tmp_path):
             for i in range(8)]
     args = P.Args(out_dir=str(tmp_path), lr=3e-3, epochs=60, batch_tokens=4096, warmup_ratio=0.0, head="cls")
     dist = P.setup_dist()
-    prm, tok = P.train("fit", str(tiny_model_dir), rows, args, dist, P.MetricsLog(tmp_path))
+    path = P.train("fit", str(tiny_model_dir), rows, args, dist, P.MetricsLog(tmp_path))
     losses = [json.loads(l)["train/fit/loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.1 * losses[0]
-    scores = P.score_steps(prm, tok, [r["prompt"] for r in rows], [r["completions"] for r in rows])
+    v = P.load_verifier(str(path))  # the saved dir, read as search.py and eval.py read it
+    scores = v.score([r["prompt"] for r in rows], [r["completions"] for r in rows])
     assert all((s >= 0.5) == y for r, sc in zip(rows, scores) for s, y in zip(sc, r["labels"]))
     from transformers import AutoModelForTokenClassification
-    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "fit").config.num_labels == 2
-    prm2, _, meta = P.load_prm(str(tmp_path / "fit"))
-    assert meta["head"] == "cls" and P.score_steps(prm2, tok, ["q1"], [["a1", "oops"]])[0][1] < 0.5
+    assert AutoModelForTokenClassification.from_pretrained(path).config.num_labels == 2
+    meta = json.loads((path / "verifier.json").read_text())
+    assert meta["kind"] == "prm" and meta["head"] == "cls" and v.score(["q1"], [["a1", "oops"]])[0][1] < 0.5
 
 
 def test_bad_settings_fail_before_sampling(tiny_toy_dir, tmp_path):
     (tmp_path / "sel").mkdir()
-    (tmp_path / "sel" / "prm.json").write_text("{}")
+    (tmp_path / "sel" / "verifier.json").write_text("{}")
     for kw in ({"init": str(tmp_path / "nope")}, {"select_prm": str(tmp_path)},
                {"select_prm": str(tmp_path / "sel"), "select_from": 1, "samples_per_problem": 2},
                {"select_prm": str(tmp_path / "sel"), "select_wrong": 1.5}):
@@ -175,7 +146,7 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     by_kind = ev["eval/mc"]["by_first_error"]  # every eval sample counted once, hits never above counts
     assert sum(v["n"] for v in by_kind.values()) == 8 and all(0 <= v["found"] <= v["n"] for v in by_kind.values())
     for name in ("mc", "outcome", "exact"):
-        assert (out / name / "prm.json").exists()
+        assert (out / name / "verifier.json").exists()
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs and all(v == v and abs(v) < 1e6 for row in logs for k, v in row.items() if k.endswith("loss"))
     sel = tmp_path / "sel"  # active learning: 2 of 4 samples per problem, picked by the PRM just trained;
@@ -195,14 +166,13 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     for g in by_problem.values():  # wrong-answer picks first, most convincing first
         wrong = [r["select_score"] for r in g if not r["correct"]]
         assert wrong == sorted(wrong, reverse=True) and [r["correct"] for r in g] == sorted(r["correct"] for r in g)
-    assert (sel / "outcome" / "prm.json").exists()
+    assert (sel / "outcome" / "verifier.json").exists()
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_real_formats_smoke(tiny_model_dir, tmp_path):
     """A few steps on PRM800K and on ProcessBench-derived rows, evaluated on ProcessBench rows."""
-    prm800k = [from_prm800k(r) for r in read_jsonl(SHARED_DATA / "prm800k_sample.jsonl")[:8]]
-    pb = read_jsonl(SHARED_DATA / "processbench_gsm8k.jsonl")[:16]
+    prm800k = [from_prm800k(r) for r in read_jsonl(DATA_DIR / "prm800k_sample.jsonl")[:8]]
+    pb = read_jsonl(DATA_DIR / "processbench_gsm8k.jsonl")[:16]
     write_jsonl(tmp_path / "prm800k.jsonl", [r for r in prm800k if r["completions"]])
     write_jsonl(tmp_path / "pb_train.jsonl", [from_processbench(r) for r in pb[:8]])
     write_jsonl(tmp_path / "pb_eval.jsonl", pb[8:])
@@ -234,4 +204,4 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     _run(["--model", str(tiny_model_dir), "--labels", str(tmp_path / "train.jsonl"), "--out_dir", str(out),
           "--max_steps", "2", "--batch_tokens", "2048", "--max_len", "512"], torchrun=True)
-    assert (out / "train" / "prm.json").exists()
+    assert (out / "train" / "verifier.json").exists()

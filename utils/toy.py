@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
 import functools
 import hashlib
 import json
@@ -455,14 +456,29 @@ def default_cache_dir(cfg: ToyConfig) -> Path:
 def ensure_toy(out_dir: str | Path | None = None, cfg: ToyConfig | None = None, backend: str = "auto",
                log=functools.partial(print, flush=True)) -> Path:
     """Build the toy world into `out_dir` (default: the user cache) unless it is already there.
-    Layout: policy/ (HF model + tokenizer), train.jsonl, test.jsonl, calibration.json."""
-    from utils.data import write_jsonl
-
+    Layout: policy/ (HF model + tokenizer), train.jsonl, test.jsonl, calibration.json (written last).
+    Under torchrun rank 0 builds and the other ranks wait for it; elsewhere a file lock lets one process
+    build while others started at the same time wait."""
     cfg = cfg or ToyConfig()
     out = Path(out_dir) if out_dir else default_cache_dir(cfg)
     if (out / "calibration.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 builds
+        log(f"rank {os.environ['RANK']}: waiting for rank 0 to build the toy world in {out}")
+        while not (out / "calibration.json").exists():
+            time.sleep(2.0)
+        return out
+    with open(out / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "calibration.json").exists():
+            _build(out, cfg, backend, log)
+    return out
+
+
+def _build(out: Path, cfg: ToyConfig, backend: str, log) -> None:
+    from utils.data import write_jsonl
+
     train, test = make_splits(cfg)
     keep = ("problem", "answer", "steps", "start", "ops", "distractor")
     write_jsonl(out / "train.jsonl", [{k: p[k] for k in keep} for p in train])
@@ -474,8 +490,25 @@ def ensure_toy(out_dir: str | Path | None = None, cfg: ToyConfig | None = None, 
         model.save_pretrained(out / "policy")
         log(f"SFT took {time.time() - t0:.0f} s")
     calib = calibrate(str(out / "policy"), test, cfg, backend) | {"config": asdict(cfg)}
-    (out / "calibration.json").write_text(json.dumps(calib, indent=2))
-    return out
+    (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
+    os.replace(out / "calibration.json.tmp", out / "calibration.json")  # the marker of a finished build
+
+
+def toy_processbench(gen, problems: list[dict], chat: bool = False, temperature: float = 1.0, max_tokens: int = 200,
+                     seed: int = 0) -> list[dict]:
+    """Policy samples (one per problem, sampling seed seed + 1) on held-out toy problems, labelled by the
+    exact checker with ProcessBench's fields {problem, steps, label, final_answer_correct}."""
+    from utils.data import build_prompt, split_steps
+    tok = gen.tokenizer
+    prompts = [tok.encode(build_prompt(p["problem"], tok, chat), add_special_tokens=False) for p in problems]
+    outs = gen.sample(prompts, n=1, temperature=temperature, max_tokens=max_tokens, seed=seed + 1)
+    rows = []
+    for p, o in zip(problems, outs):
+        steps = split_steps(o[0].text) or [o[0].text]
+        c = check_steps(p["problem"], steps, p["answer"])
+        rows.append({"problem": p["problem"], "steps": steps, "label": c.first_error,
+                     "final_answer_correct": c.answer_correct})
+    return rows
 
 
 def main():

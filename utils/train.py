@@ -30,6 +30,8 @@ def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
               ", ".join(f"{k}={v!r}" for k, v in (toy_overrides or {}).items())) if toy_overrides else None
     parser = HfArgumentParser(args_cls, description=sys.modules["__main__"].__doc__, epilog=epilog,
                               formatter_class=_HelpFormatter)
+    parser.epilog = (parser.epilog + "\n\n" if parser.epilog else "") + (
+        "--debug (or STEPWISE_DEBUG=1): show the Python traceback of an error instead of its one-line message")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if toy_overrides and not getattr(args, "model", None):
         given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
@@ -37,6 +39,23 @@ def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
             if k not in given:
                 setattr(args, k, v)
     return args
+
+
+def run_main(main, args_cls, toy_overrides: dict | None = None, argv=None) -> None:
+    """`main(parse_args(...))` for a script's `__main__`. An error the user causes (a bad path, a malformed
+    row, a missing verifier dir, a bad setting: OSError or ValueError) prints one line and exits 2, nothing
+    written so far is removed; --debug or STEPWISE_DEBUG=1 shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("STEPWISE_DEBUG", "") not in ("", "0")
+    args = parse_args(args_cls, toy_overrides, [a for a in argv if a != "--debug"])
+    try:
+        main(args)
+    except (OSError, ValueError) as e:
+        if debug:
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{Path(sys.argv[0]).name}: error: {msg} (--debug for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 @dataclasses.dataclass

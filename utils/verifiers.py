@@ -1,0 +1,468 @@
+"""Verifiers: every kind of step scorer behind one interface, and the rules that read their scores.
+
+A verifier is a directory, an HF model plus `verifier.json` ({"kind": ..., and what that kind needs}), or
+the string "oracle" (the toy world's exact checker). `load_verifier(path_or_"oracle", device=...)` returns
+an object with
+
+    v.score(problems, steps_lists)                -> per-step scores in [0, 1], one forward pass per solution
+    v.score_shared(problems, steps_lists, shared) -> the same scores; solutions whose first shared[i] steps
+                                                     are equal (beam-search siblings) run that prefix once
+    v.tokens                                      -> tokens scored so far (the verifier's compute)
+
+Kinds (KINDS below; each method file that trains a verifier adds its kind here and nowhere else):
+  prm     prm_train.py's PRM: a causal LM read at the step tag after each step, head `lm2` (logit of the
+          positive minus the negative label token, Math-Shepherd/OpenR) or `cls` (token classification,
+          TRL). An ORM is a prm trained on outcome labels.
+  oracle  the toy checker: 1 for each step before the first wrong one, 0 from it on (an upper bound).
+Public PRM formats load without a verifier.json: the format is detected from the config and tokenizer,
+or given as `fmt` (`--verifier_format`):
+  qwen-prm       Qwen2.5-Math-PRM: chat template, `<extra_0>` after each step, a Linear-ReLU-Linear head on
+                 the hidden state, P(correct) = softmax(...)[1] at each `<extra_0>`;
+  math-shepherd  "{question} {step 1} ки\\n{step 2} ки...", P(+) of the 2-way softmax over the "+"/"-"
+                 logits at each ки (the model card's recipe, whole text tokenized with BOS);
+  trl            a TRL PRMTrainer checkpoint: [BOS] + prompt ids, then each step's ids + separator ids
+                 ("\\n", TRL's default), P(correct) = softmax(...)[1] at the separator's last token.
+
+Below the verifiers: step aggregation into one solution score, answer selection (majority, best-of-N,
+weighted vote, answers grouped by the grader's equivalence) and ProcessBench's first-error reading.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from utils.data import build_prompt
+from utils.generation import kv_cache_kwargs
+from utils.grader import is_equiv, normalize
+
+
+class VerifierError(ValueError):
+    """A verifier dir that cannot be loaded as asked (missing, unknown kind or format)."""
+
+
+# What each public format's verifier.json would say (unset keys take PRM_DEFAULTS).
+PRM_DEFAULTS = {"kind": "prm", "head": "lm2", "pos_token": "+", "neg_token": "-", "step_tag": "\n\n", "chat": False,
+                "prompt_template": None, "bos": False, "text_format": "tokens"}
+FORMATS = {
+    "qwen-prm": {"head": "qwen", "step_tag": "<extra_0>", "chat": True},
+    "math-shepherd": {"head": "lm2", "pos_token": "+", "neg_token": "-", "step_tag": "ки", "text_format": "math-shepherd"},
+    "trl": {"head": "cls", "step_tag": "\n", "prompt_template": "{problem}", "bos": True},
+}
+
+
+# ----------------------------------------------------------------------------- encoding
+@functools.lru_cache(maxsize=1 << 16)
+def _ids(tok, text: str) -> tuple:
+    """tok.encode, memoized per tokenizer object (never changed after loading): a beam search rescores the
+    same problems and parent steps at every depth."""
+    return tuple(tok.encode(text, add_special_tokens=False))
+
+
+def prompt_ids(tok, problem: str, meta: dict) -> list[int]:
+    """The ids before the first step: build_prompt's plain or chat prompt, or meta's prompt_template."""
+    tpl = meta.get("prompt_template")
+    text = tpl.format(problem=problem) if tpl else build_prompt(problem, tok, meta.get("chat", False))
+    bos = [tok.bos_token_id] if meta.get("bos") and tok.bos_token_id is not None else []
+    return bos + list(_ids(tok, text))
+
+
+def encode(tok, problem: str, steps: list[str], meta: dict, max_len: int = 2048) -> tuple[list[int], list[int]]:
+    """(ids, tag positions): the prompt, then per step its ids + the tag's ids, appended at the token level
+    (never by re-tokenizing a joined string); a step's score is read at its tag's last token. Steps past
+    max_len are dropped. math-shepherd's text format tokenizes the whole text, as its model card does."""
+    if meta.get("text_format") == "math-shepherd":
+        tag = meta["step_tag"]
+        ids = tok.encode(f"{problem} " + "".join(f"{s} {tag}\n" for s in steps).rstrip("\n"))
+        tag_id = tok.encode(tag)[-1]
+        ids = ids[:max_len]
+        return ids, [i for i, t in enumerate(ids) if t == tag_id][: len(steps)]
+    ids = prompt_ids(tok, problem, meta)
+    tag, tags = list(_ids(tok, meta["step_tag"])), []
+    for s in steps:
+        nxt = ids + list(_ids(tok, s)) + tag
+        if len(nxt) > max_len:
+            break
+        ids = nxt
+        tags.append(len(ids) - 1)
+    return ids, tags
+
+
+def make_batches(examples: list[dict], batch_tokens: int, rng: random.Random, window: int = 256) -> list[list[dict]]:
+    """Micro-batches of at most batch_tokens padded tokens: examples are shuffled, then sorted by length
+    within windows of `window` (little padding, yet each batch a random mix of problems)."""
+    order = examples[:]
+    rng.shuffle(order)
+    batches = []
+    for w in range(0, len(order), window):
+        cur = []
+        for e in sorted(order[w: w + window], key=lambda e: len(e["ids"])):
+            if cur and (len(cur) + 1) * len(e["ids"]) > batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(e)
+        batches += [cur] if cur else []
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[dict], pad_id: int, device):
+    T = max(len(e["ids"]) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    tag_b, tag_t, target = [], [], []
+    for r, e in enumerate(batch):
+        ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
+        mask[r, : len(e["ids"])] = 1
+        tag_b += [r] * len(e["tags"])
+        tag_t += e["tags"]
+        target += e.get("labels", [0.0] * len(e["tags"]))
+    return (ids.to(device), mask.to(device), torch.tensor(tag_b, device=device), torch.tensor(tag_t, device=device),
+            torch.tensor(target, dtype=torch.float, device=device))  # tags: (N,)
+
+
+# ----------------------------------------------------------------------------- the PRM module
+class PRM(torch.nn.Module):
+    """Wraps an HF model; forward returns the logit of P(step correct) at each tag, shape (N,)."""
+
+    def __init__(self, model, head: str, pos_id: int | None = None, neg_id: int | None = None):
+        super().__init__()
+        self.model, self.head, self.pos_id, self.neg_id = model, head, pos_id, neg_id
+
+    def forward(self, ids, mask, tag_b, tag_t, cache=None, position_ids=None):
+        """`cache` (a transformers Cache, filled in place) and `position_ids` let a caller run a shared
+        prefix once and its continuations after it (score_shared); mask then spans both."""
+        body = self.model if self.head == "cls" else self.model.model if self.head == "qwen" else self.model.base_model
+        kw = dict(attention_mask=mask, position_ids=position_ids, **kv_cache_kwargs(body, cache))
+        if self.head in ("cls", "qwen"):  # token classification: label 1 = correct
+            logits = self.model(input_ids=ids, **kw).logits[tag_b, tag_t]  # (N, 2)
+            return logits[:, 1] - logits[:, 0]
+        h = self.model.base_model(input_ids=ids, **kw).last_hidden_state[tag_b, tag_t]  # (N, H)
+        logits = self.model.get_output_embeddings()(h)  # (N, V): only at tags, not (B, T, V)
+        return logits[:, self.pos_id] - logits[:, self.neg_id]  # 2-way softmax over (+, -) == sigmoid of this
+
+
+class QwenPRMModel(torch.nn.Module):
+    """Qwen2.5-Math-PRM's architecture without its remote code: the base transformer (`model.*` weights)
+    and `score` = Linear(h, h) - ReLU - Linear(h, 2) (`score.0.*`, `score.2.*`) on every hidden state."""
+
+    def __init__(self, base, hidden: int):
+        super().__init__()
+        self.model = base
+        self.score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+
+    def forward(self, input_ids, **kw):  # kw: attention_mask, position_ids, the KV cache (named as the base takes it)
+        h = self.model(input_ids=input_ids, **kw).last_hidden_state  # (B, T, H)
+        return SimpleNamespace(logits=self.score(h.to(self.score[0].weight.dtype)))  # (B, T, 2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32):
+        from safetensors import safe_open
+        from transformers import AutoModel
+        from transformers.utils import logging
+
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()  # the score.* weights are "unexpected" for the base: read below
+        try:
+            base = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        finally:
+            logging.set_verbosity(level)
+        m = cls(base, base.config.hidden_size)
+        head = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                head.update({k[len("score."):]: st.get_tensor(k) for k in st.keys() if k.startswith("score.")})
+        if set(head) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
+            raise VerifierError(f"{path}: qwen-prm format needs score.0.* and score.2.* weights, found {sorted(head)}")
+        m.score.load_state_dict(head)
+        return m.to(dtype)
+
+
+def label_token_id(tok, text: str, meta: dict) -> int:
+    """The id of a label token: one token in this tokenizer (math-shepherd: the card's encode(text)[-1])."""
+    if meta.get("text_format") == "math-shepherd":
+        return tok.encode(text)[-1]
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"label token {text!r} is {len(ids)} tokens in this tokenizer; pick a single-token one")
+    return ids[0]
+
+
+def build_prm(path: str, meta: dict, dtype=torch.float32):
+    """(PRM, tokenizer) from an HF dir, initialised for the head in `meta` (prm_train.py fine-tunes this)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    meta = {**PRM_DEFAULTS, **meta}
+    tok = AutoTokenizer.from_pretrained(path)
+    if meta["head"] == "qwen":
+        return PRM(QwenPRMModel.from_pretrained(path, dtype), "qwen"), tok
+    if meta["head"] == "cls":
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1},
+            dtype=dtype)
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return PRM(model, "cls"), tok
+    if meta["head"] != "lm2":
+        raise VerifierError(f"unknown head {meta['head']!r} (lm2, cls or qwen)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return PRM(model, "lm2", label_token_id(tok, meta["pos_token"], meta), label_token_id(tok, meta["neg_token"], meta)), tok
+
+
+# ----------------------------------------------------------------------------- verifier kinds
+class PRMVerifier:
+    """Kind `prm` (and the public formats): per-step P(correct) from a PRM module."""
+    kind = "prm"
+
+    def __init__(self, prm: PRM, tok, meta: dict, batch_tokens: int = 16384, max_len: int = 4096):
+        self.prm, self.tok, self.meta = prm.eval(), tok, {**PRM_DEFAULTS, **meta}
+        self.batch_tokens, self.max_len, self.tokens = batch_tokens, max_len, 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def encode(self, problem: str, steps: list[str]):
+        return encode(self.tok, problem, steps, self.meta, self.max_len)
+
+    @torch.no_grad()
+    def score(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        """One forward pass per solution, batched by tokens. Steps that do not fit max_len get the last
+        fitted step's score (so a list always matches its steps)."""
+        dev = next(self.prm.parameters()).device
+        ex = [dict(zip(("ids", "tags"), self.encode(p, s)), i=i) for i, (p, s) in enumerate(zip(problems, steps_lists))]
+        self.tokens += sum(len(e["ids"]) for e in ex)
+        out: list[list[float]] = [[] for _ in problems]
+        batches = make_batches(ex, self.batch_tokens, random.Random(0))
+        for batch in tqdm(batches, desc="verifier scoring", leave=False, disable=len(batches) < 50):
+            ids, mask, tb, tt, _ = collate(batch, self.pad, dev)
+            p = torch.sigmoid(self.prm(ids, mask, tb, tt).float()).tolist() if len(tt) else []
+            k = 0
+            for e in batch:
+                out[e["i"]] = p[k: k + len(e["tags"])]
+                k += len(e["tags"])
+        return _pad_scores(out, steps_lists)
+
+    @torch.no_grad()
+    def score_shared(self, problems: list[str], steps_lists: list[list[str]], shared: list[int]) -> list[list[float]]:
+        """score() for beam-search children: solutions whose first `shared[i]` steps are the same (siblings)
+        run that prefix through the PRM once; its KV cache is copied to each sibling, which runs only its own
+        new steps. Same scores and the same max_len cut; the verifier's counterpart of vLLM's prefix cache.
+        (math-shepherd's whole-text tokenization has no stable prefix: it falls back to score().)"""
+        from transformers import DynamicCache
+
+        if self.meta["text_format"] != "tokens":
+            return self.score(problems, steps_lists)
+        groups = defaultdict(list)
+        for i, (p, s, k) in enumerate(zip(problems, steps_lists, shared)):
+            groups[(p, tuple(s[:k]))].append(i)
+        items = []  # (parent ids, parent tags, [(i, new ids, new tags relative to the parent's end)])
+        for (p, pre), idx in groups.items():
+            pids, ptags = self.encode(p, list(pre))
+            kids = []
+            for i in idx:
+                ids, tags = self.encode(p, steps_lists[i])
+                self.tokens += len(ids)
+                kids.append((i, ids[len(pids):], [t - len(pids) for t in tags[len(ptags):]]))
+            items.append((pids, ptags, kids))
+        items.sort(key=lambda it: len(it[0]))
+        out, dev = [[] for _ in problems], next(self.prm.parameters()).device
+        chunks, cost = [[]], 0
+        for it in items:  # bound each chunk by its children's padded tokens
+            c = len(it[2]) * (len(it[0]) + max(len(k[1]) for k in it[2]))
+            if chunks[-1] and cost + c > self.batch_tokens:
+                chunks, cost = chunks + [[]], 0
+            chunks[-1].append(it)
+            cost += c
+
+        def padded(seqs, width):
+            ids, mask = torch.full((len(seqs), width), self.pad), torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, x in enumerate(seqs):
+                ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x, dtype=torch.long), 1
+            return ids.to(dev), mask.to(dev)
+
+        for chunk in chunks:
+            ids, mask = padded([it[0] for it in chunk], max(len(it[0]) for it in chunk))  # parents: (P, Tp)
+            tb = [g for g, it in enumerate(chunk) for _ in it[1]]
+            cache = DynamicCache()
+            lp = self.prm(ids, mask, torch.tensor(tb, dtype=torch.long),
+                          torch.tensor([t for it in chunk for t in it[1]], dtype=torch.long), cache=cache)
+            p_scores, k = [], 0
+            for it in chunk:
+                p_scores.append(torch.sigmoid(lp[k: k + len(it[1])].float()).tolist())
+                k += len(it[1])
+            kids = [(g, kid) for g, it in enumerate(chunk) for kid in it[2]]
+            sel = torch.tensor([g for g, _ in kids], device=dev)
+            for layer in cache.layers:  # one copy of the parent's KV per child
+                layer.batch_select_indices(sel)
+            cids, cmask = padded([kid[1] for _, kid in kids], max(1, max(len(kid[1]) for _, kid in kids)))
+            plen = torch.tensor([len(chunk[g][0]) for g, _ in kids], device=dev)
+            pos = plen[:, None] + torch.arange(cids.shape[1], device=dev)[None]  # positions continue the parent's
+            lc = self.prm(cids, torch.cat([mask[sel], cmask], 1),
+                          torch.tensor([r for r, (_, kid) in enumerate(kids) for _ in kid[2]]),
+                          torch.tensor([t for _, kid in kids for t in kid[2]], dtype=torch.long), cache=cache,
+                          position_ids=pos)
+            lc, k = torch.sigmoid(lc.float()).tolist(), 0
+            for g, (i, _, tags) in kids:
+                out[i] = p_scores[g] + lc[k: k + len(tags)]
+                k += len(tags)
+        return _pad_scores(out, steps_lists)
+
+
+def _pad_scores(out: list[list[float]], steps_lists: list[list[str]]) -> list[list[float]]:
+    """Steps past max_len repeat the last fitted score (0.5 when none fitted)."""
+    return [(o + [o[-1] if o else 0.5] * len(s))[: len(s)] for o, s in zip(out, steps_lists)]
+
+
+class OracleVerifier:
+    """Kind `oracle` (toy world only): the exact checker's step labels as scores."""
+    kind, tokens = "oracle", 0
+
+    def score(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        from utils.toy import check_steps
+        out = []
+        for p, s in zip(problems, steps_lists):
+            fe = check_steps(p, s).first_error
+            out.append([float(fe == -1 or i < fe) for i in range(len(s))])
+        return out
+
+    def score_shared(self, problems, steps_lists, shared):
+        return self.score(problems, steps_lists)
+
+
+def _load_prm_kind(path: Path, meta: dict, device, **kw) -> PRMVerifier:
+    prm, tok = build_prm(str(path), meta)
+    return PRMVerifier(prm.to(device), tok, meta, **kw)
+
+
+KINDS = {"prm": _load_prm_kind}  # kind -> loader(path, meta, device, **options); each method adds its own
+
+
+def detect_format(path: Path) -> str:
+    """A public PRM format from config.json and the tokenizer (for dirs without verifier.json)."""
+    cfg = json.loads((path / "config.json").read_text())
+    arch = " ".join(cfg.get("architectures") or [])
+    if "ProcessRewardModel" in arch:
+        return "qwen-prm"
+    if "TokenClassification" in arch:
+        return "trl"
+    if "CausalLM" in arch:
+        from transformers import AutoTokenizer
+        if len(AutoTokenizer.from_pretrained(str(path)).encode("ки", add_special_tokens=False)) == 1:
+            return "math-shepherd"
+    raise VerifierError(f"{path}: no verifier.json, and config.json ({arch or 'no architectures'}) names no known PRM "
+                        f"format: pass --verifier_format ({', '.join(FORMATS)})")
+
+
+def read_meta(path: str | Path, fmt: str = "") -> dict:
+    """What verifier.json says (prm_train.py's older prm.json dirs still load), or a public format's meta."""
+    p = Path(path)
+    if not (p / "config.json").exists() and not (p / "verifier.json").exists():
+        raise VerifierError(f"no verifier in {str(path)!r} (not a model dir; expected verifier.json or config.json)")
+    if fmt:
+        if fmt not in FORMATS:
+            raise VerifierError(f"unknown --verifier_format {fmt!r} ({', '.join(FORMATS)})")
+        return {**PRM_DEFAULTS, **FORMATS[fmt], "format": fmt}
+    for name in ("verifier.json", "prm.json"):
+        if (p / name).exists():
+            return {**({"kind": "prm"} if name == "prm.json" else {}), **json.loads((p / name).read_text())}
+    f = detect_format(p)
+    return {**PRM_DEFAULTS, **FORMATS[f], "format": f}
+
+
+def load_verifier(path: str, device=None, fmt: str = "", **kw):
+    """A verifier dir (or "oracle") -> an object with score / score_shared / tokens (see the docstring).
+    `kw` go to the kind's loader (prm: batch_tokens, max_len)."""
+    if path == "oracle":
+        return OracleVerifier()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = read_meta(path, fmt)
+    if meta.get("kind") not in KINDS:
+        raise VerifierError(f"{path}: unknown verifier kind {meta.get('kind')!r} ({', '.join(KINDS)})")
+    return KINDS[meta["kind"]](Path(path), meta, device, **kw)
+
+
+def parse_verifiers(spec: str) -> dict[str, str]:
+    """"prm=DIR,orm=DIR,oracle" -> {"prm": DIR, "orm": DIR, "oracle": "oracle"} (names are unique)."""
+    out = {}
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, _, path = item.partition("=")
+        name, path = (name, path) if path else (Path(item).name or item, item)
+        if name in out:
+            raise VerifierError(f"verifier name {name!r} given twice in {spec!r}")
+        out[name] = path
+    return out
+
+
+# ----------------------------------------------------------------------------- reading scores
+def aggregate(scores: list[float], agg: str) -> float:
+    """One solution score from its step scores: min, last, prod or mean."""
+    if not scores:
+        return 0.0
+    if agg == "last":
+        return scores[-1]
+    if agg == "min":
+        return min(scores)
+    if agg == "mean":
+        return sum(scores) / len(scores)
+    if agg == "prod":
+        p = 1.0
+        for s in scores:
+            p *= s
+        return p
+    raise ValueError(f"unknown aggregation {agg!r} (last, min, prod, mean)")
+
+
+class AnswerGroups:
+    """Group answers by the grader's equivalence: equal normalised strings at once, else is_equiv."""
+
+    def __init__(self):
+        self.reps, self.key_of = [], {}
+
+    def key(self, ans: str | None):
+        if ans is None:
+            return None
+        k = normalize(ans)
+        if k not in self.key_of:
+            self.key_of[k] = next((r for r in self.reps if is_equiv(ans, r, timeout=1.0)), None) or ans
+            if self.key_of[k] == ans:
+                self.reps.append(ans)
+        return self.key_of[k]
+
+
+def majority(answers: list, groups: AnswerGroups):
+    votes = defaultdict(int)
+    for a in answers:
+        if a is not None:
+            votes[groups.key(a)] += 1
+    return max(votes, key=votes.get) if votes else None
+
+
+def best_of_n(answers: list, scores: list[float]):
+    i = max(range(len(answers)), key=lambda j: (answers[j] is not None, scores[j]))
+    return answers[i]
+
+
+def weighted_vote(answers: list, scores: list[float], groups: AnswerGroups):
+    votes = defaultdict(float)
+    for a, s in zip(answers, scores):
+        if a is not None:
+            votes[groups.key(a)] += s
+    return max(votes, key=votes.get) if votes else None
+
+
+def first_error_prediction(scores: list[float], threshold: float) -> int:
+    """ProcessBench's reading: the first step scored below the threshold, or -1."""
+    return next((i for i, p in enumerate(scores) if p < threshold), -1)
+
+
+def processbench_f1(preds: list[int], labels: list[int]) -> dict:
+    """ProcessBench: accuracy on erroneous solutions (exact earliest-error index), on correct ones
+    (predict -1), and their harmonic mean."""
+    err = [p == y for p, y in zip(preds, labels) if y != -1]
+    cor = [p == -1 for p, y in zip(preds, labels) if y == -1]
+    a_err, a_cor = sum(err) / max(1, len(err)), sum(cor) / max(1, len(cor))
+    f1 = 2 * a_err * a_cor / (a_err + a_cor) if a_err + a_cor else 0.0
+    return {"f1": f1, "acc_erroneous": a_err, "acc_correct": a_cor, "n_erroneous": len(err), "n_correct": len(cor)}
