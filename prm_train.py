@@ -17,6 +17,9 @@ from policy samples:
   exact    (toy only) the toy checker's step labels: the ceiling that MC labels aim at.
 With --select_prm, which samples get labelled is chosen by a trained PRM, as in Let's Verify's
 active learning (section 4.2): mostly the wrong-answer samples it finds most convincing.
+Each PRM is saved as a verifier dir (HF model + verifier.json, kind `prm`) and evaluated by loading it
+back through utils/verifiers.py, which holds the model wrapper, the encoding and the scoring that
+search.py and eval.py use.
 
 Deviations from the papers:
   1. Hard MC labels of a solution whose own answer is right are all positive with no rollouts: the
