@@ -34,14 +34,55 @@ EQUAL = {
     "sets of sets": [("\\{1, 2\\}, \\{-3\\}", "1,2,-3")],
     "quantifiers": [("\\frac{\\pi}{6} + k\\pi \\text{ for } k \\in \\mathbb{Z}", "\\frac{1}{6}\\pi+\\pi k"),
                     ("2\\pi n, where n is an integer", "2n\\pi")],
+    # the kinds the held-out pairs missed (each with near misses in UNEQUAL)
+
+    "latex variants": [("\\cfrac{2}{5}", "0.4"), ("\\cfrac{3}{4}", "0.75"), ("\\textbf{(B)}", "B"), ("\\text{(B)}", "\\textbf{(B)}"),
+                       ("\\mathbf{(C)}", "C"), ("12 \\textnormal{ km}", "12"), ("5 \\textbf{ cm}", "5"), ("\\sqrt[3]5", "\\sqrt[3]{5}"),
+                       ("\\sqrt[4]{16}", "2"), ("4,\\! 205,\\! 000", "4205000"), ("1,\\!000,\\!000", "1000000")],
+    "relations": [("y \\neq 2", "y != 2"), ("a \\ne 0", "a != 0"), ("-2x \\ge -6", "x \\le 3"), ("3x + 3 > 9", "x > 2"),
+                  ("y = 2x - 1", "2x - y - 1 = 0"), ("y = -x + 3", "x + y = 3"), ("x^2 + y^2 = 4", "2x^2 + 2y^2 = 8"),
+                  ("3x^2 = 12", "x^2 = 4"), ("t \\in (1, 5]", "(1, 5]"), ("(1,5]", "1 < t \\le 5"), ("t \\in (1,5]", "1 < t \\le 5"),
+                  ("s \\in [2, 7)", "2 \\le s < 7"), ("x \\in (-\\infty,1) \\cup (2, \\infty)", "(-\\infty,1)\\cup(2,\\infty)")],
+    "structures": [("\\left[\\begin{array}{cc}1 & 2\\\\3 & 4\\end{array}\\right]", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"),
+                   ("\\left(\\begin{array}{c}1\\\\2\\end{array}\\right)", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+                   ("3\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}3\\\\6\\end{pmatrix}"),
+                   ("-\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix}-1\\\\2\\end{pmatrix}"),
+                   ("\\frac{1}{2}\\begin{pmatrix}2\\\\4\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+                   ("2\\begin{bmatrix}1&0\\\\0&1\\end{bmatrix}", "\\begin{bmatrix}2&0\\\\0&2\\end{bmatrix}"),
+                   ("\\{2 \\pm \\sqrt{3}\\}", "\\{2+\\sqrt{3}, 2-\\sqrt{3}\\}"), ("\\{1 \\pm \\sqrt{5}\\}", "\\{1-\\sqrt{5}, 1+\\sqrt{5}\\}"),
+                   ("(1;2),(3;4)", "(3,4),(1,2)"), ("(2;5)", "(2,5)"), ("(1,2) \\text{ or } (3,4)", "(3,4),(1,2)"),
+                   ("(0,1) \\text{ or } (1,0)", "(1,0),(0,1)"), ("1, 1, 2", "1, 2, 1"), ("\\{3, 3, 5\\}", "\\{5, 3\\}")],
+    "labelled golds": [("6, 8", "BC=6, CA=8"), ("3, 4", "AB=3, BC=4"), ("5", "|PQ| = 5"), ("7", "|AC| = 7"), ("2:3", "m:n = 2:3"),
+                       ("1:4", "a:b = 1:4"), ("\\frac{2}{3}", "\\frac{PR}{QR} = \\frac{2}{3}"), ("\\frac12", "\\frac{AE}{EC} = \\frac{1}{2}"),
+                       ("(1,2),(3,4)", "a=1,b=2;a=3,b=4"), ("(2,1),(1,2)", "x=1,y=2;x=2,y=1"), ("y = t^2", "g(t) = t^2"),
+                       ("y = 2s", "h(s) = 2s"), ("(-1,1)", "-1 < h(x) < 1"), ("(0,2]", "0 < f(x) \\le 2"),
+                       ("2\\sqrt{2}", "2\\sqrt{2} \\approx 2.83"), ("\\sqrt{3}", "\\sqrt{3} \\approx 1.73"), ("1.73", "\\sqrt{3} \\approx 1.73")],
+    "numbers and times": [("2 3/4", "2.75"), ("2 3/4", "\\frac{11}{4}"), ("1 1/2", "1.5"), ("3 2/5", "\\frac{17}{5}"),
+                          ("9:05:00", "9:05"), ("10:45:00", "10:45"), ("7:15 \\text{ PM}", "19:15"), ("3:20 PM", "15:20"),
+                          ("11:05 \\text{ AM}", "11:05"), ("3^2 5^3", "3^2 \\cdot 5^3"), ("2^3 3^2", "72")],
+    "symbolic": [("\\sin x", "\\cos(\\frac{\\pi}{2} - x)"), ("\\tan x", "\\frac{\\sin x}{\\cos x}"), ("a_k b_{n-k}", "b_{n-k} a_k"),
+                 ("x_1 y_2 + x_2 y_1", "y_1 x_2 + y_2 x_1"),
+                 ("\\sum_{k=0}^{n} a_k b_{n-k}", "\\sum_{k=0}^{n} b_{n-k} a_k")],
 }
-ONE_WAY = ("x= prefix", "choices", "assignments", "sets of sets")  # a gold-side form a prediction may drop
+ONE_WAY = ("x= prefix", "choices", "assignments", "sets of sets", "labelled golds")  # gold-side forms a prediction may drop
 UNEQUAL = [("3", "3.5"), ("(1,2)", "[1,2]"), ("x^2", "2x"), ("1-\\frac{1}{e}", "1+\\frac{1}{e}"), ("\\{1,2\\}", "\\{1,3\\}"),
            ("1, 2", "1, 2, 3"), ("50\\%", "5"), ("\\sqrt{2}", "1.414"), ("A", "B"), ("(2,\\infty)", "x \\ge 2"),
            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}"), ("x=5", "x=6"), ("", "0"),
            ("\\frac{1}{2}", "\\frac{1}{3}"), ("10^{10^{10^{10}}}", "5"), ("monday", "tuesday"), ("1 \\pm 2", "3"),
            ("f(y)=2y", "f(x)=x"), ("(1, n)", "f(n)=n, g(n)=1"), ("a=1, b=3", "a=1, b=2"), ("\\{1,2\\},\\{3\\}", "1,2,4"),
-           ("\\frac{\\pi}{6}+k\\pi", "\\frac{5\\pi}{6}+k\\pi")]
+           ("\\frac{\\pi}{6}+k\\pi", "\\frac{5\\pi}{6}+k\\pi"),
+           # near misses of the kinds above
+           ("\\sqrt[3]5", "\\sqrt{5}"), ("\\sqrt[3]{8}", "\\sqrt{8}"), ("(B)", "(D)"), ("\\textbf{(A)}", "(E)"), ("1,\\!000", "100"),
+               ("x \\le 3", "x \\ge 3"), ("x > 2", "x \\ge 2"), ("3x+3 > 9", "x < 2"), ("-2x \\ge -6", "x \\ge 3"),
+               ("2x - y = 1", "2x - y = 2"), ("x + y = 3", "x - y = 3"), ("x^2 + y^2 = 4", "x^2 + y^2 = 8"), ("(1,5]", "[1,5]"),
+               ("[2,7)", "(2,7)"), ("t \\in (1,5]", "1 \\le t \\le 5"), ("y \\neq 2", "y = 2"),
+               ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}"),
+               ("3\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}3\\\\5\\end{pmatrix}"), ("(1,2)", "(2,1)"), ("(2;5)", "(5,2)"),
+               ("\\{1\\pm\\sqrt{5}\\}", "\\{1+\\sqrt{5}\\}"), ("2:3", "3:2"), ("1:4", "4:1"), ("8, 6", "BC=6, CA=8"), ("4, 3", "AB=3, BC=4"),
+               ("(0,2)", "0 < f(x) \\le 2"), ("(1,2),(3,5)", "a=1,b=2;a=3,b=4"), ("y = t^3", "g(t) = t^2"), ("2.83", "2\\sqrt{3} \\approx 3.46"),
+               ("2 3/4", "23/4"), ("1 1/2", "11/2"), ("7:15", "19:15"), ("3:20", "15:20"), ("9:05", "9:50"), ("11:05 AM", "11:05 PM"),
+               ("3^2 5^3", "3^{25^3}"), ("\\sin x", "\\cos x"), ("\\tan x", "\\cot x"), ("x_1 y_2", "x_2 y_1"),
+               ("\\sum_{k=0}^{n} a_k b_{n-k}", "\\sum_{k=1}^{n} a_k b_{n-k}"), ("\\sum_{k=0}^{n} a_k b_k", "\\sum_{k=0}^{n} a_k b_{n-k}")]
 
 
 @pytest.mark.parametrize("rule", sorted(EQUAL))
@@ -62,6 +103,10 @@ def test_extract_answer_forms():
         "\\boxed{\\{1, \\{2\\}\\}} then \\fbox{7}": "7",
         "The result is \\boxed 4 and done": "4",
         "Final Answer: The final answer is $5$. I hope it is correct.": "5",
+        # Minerva's format: its closing line wins over boxes in earlier steps
+        "So $x = \\boxed{4}$ at first.\n\nThen $y = \\boxed{8}$.\n\nFinal Answer: The final answer is $12$. I hope it is correct.": "12",
+        "We try \\boxed{2}. Final Answer: The final answer is \\frac{1}{3}. I hope it is correct.": "\\frac{1}{3}",
+        "so \\boxed{7}.\n\nThe final answer is positive, since both factors are negative.": "7",
         "Natalia sold 48 clips.\n#### 72": "72",
         "We get it. The answer is 3.5.": "3.5",
         "<think>so \\boxed{1}</think>\nThe answer is 2.": "2",

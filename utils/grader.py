@@ -1,6 +1,7 @@
 """Answer extraction and equivalence for math answers: every reward, label and accuracy goes through here.
 
-    extract_answer(text) -> str | None       last \\boxed{}/\\fbox{}, "The final answer is X", "The answer is X", "#### X"
+    extract_answer(text) -> str | None       "The final answer is X" after the last box, else the last \\boxed{}/\\fbox{},
+                                             "#### X", "The answer is X"
     is_equiv(pred, gold, timeout=3.0) -> bool
     grade(response, gold) -> bool             extract + compare
     grade_batch(responses, golds) -> [bool]   all cores for the symbolic cases; parsed golds cached
@@ -130,13 +131,17 @@ def extract_answer(text) -> str | None:
         return None
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
+    i = text.lower().rfind("final answer is")
+    minerva = i >= 0 and (re.search(r"final answer:\s*the\s*$", text[max(0, i - 40): i], re.I)
+                          or "i hope it is correct" in text[i: i + 400].lower())
+    if minerva and i > max(text.rfind("\\boxed"), text.rfind("\\fbox")):  # Minerva's closing line beats earlier boxes
+        return _clean(re.split(r"\.?\s*I hope it is correct", text[i + 15:].lstrip(" :"))[0])
     boxed = _last_boxed(text)
     if boxed is not None:
         return _clean(boxed) if boxed.strip() else None
     m = re.search(r"####\s*(.+)$", text, re.M)
     if m:
         return _clean(m.group(1).replace(",", ""))
-    i = text.lower().rfind("final answer is")
     if i >= 0:
         return _clean(re.split(r"\.?\s*I hope it is correct", text[i + 15:].lstrip(" :"))[0])
     ms = list(_ANSWER_IS.finditer(text[-5000:]))
@@ -153,10 +158,14 @@ _UNIT_WORDS = (r"(?:sq(?:uare)?\s*)?(?:units?|cm|mm|km|m|meters?|metres?|inches|
                r"mph|kph|percent|square|cubic)(?:\^?\{?[23]\}?)?")
 
 
+_WRAPPERS = ("textnormal", "operatorname", "textbf", "textit", "textrm", "textup", "textsf", "texttt", "mathrm",
+             "mathbf", "mathit", "mathsf", "boldsymbol", "mbox", "text")  # longest first: "\\text" is in "\\textbf"
+
+
 def _unwrap_text(s: str) -> str:
-    for cmd in ("text", "textbf", "textit", "mathrm", "mathbf", "mbox", "textnormal", "operatorname", "mathit"):
-        while f"\\{cmd}" in s:
-            i = s.find(f"\\{cmd}")
+    for cmd in _WRAPPERS:
+        while (m := re.search(rf"\\{cmd}(?![a-zA-Z])", s)):
+            i = m.start()
             j = i + len(cmd) + 1
             while j < len(s) and s[j] == " ":
                 j += 1
@@ -175,17 +184,20 @@ def normalize(s: str) -> str:
     if len(s) > MAX_LEN:
         return s
     s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
-    for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
+    for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("≠", "!="),
+                 ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
                  ("~", " "), ("{,}", ","), ("\\quad", " "), ("\\qquad", " "),
                  ("\\le ", "\\leq "), ("\\ge ", "\\geq "), ("≤", "\\leq "), ("≥", "\\geq "), ("∞", "\\infty"),
                  ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"), ("\\rvert", "|"), ("\\cdot", "*"),
                  ("\\times", "*"), ("×", "*"), ("−", "-"), ("\\infin", "\\infty"), ("±", "\\pm "), ("\\emptyset", "\\varnothing")):
         s = s.replace(a, b)
+    s = re.sub(r"\\neq?(?![a-zA-Z])", "!=", s)
+    s = re.sub(r"(?<=\d),\s*\\[!,]\s*(?=\d{3}(?!\d))", "", s)  # digit groups with thin spaces: "4,\\! 205,\\! 000"
     s = re.sub(r"(?<!\\)\\(?=\d)", "", s)  # "\\15" (a stripped "\\$15"), not a matrix row "\\\\1"
     s = re.sub(r"(?<!\\)\\[!,;:]|\\[Bb]igg?[lr]?(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # spacing commands (not the "\\" of a matrix row)
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", ",", s)  # "2 \\text{ and } 3" -> "2,3"
-    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*(?!and\b|or\b)[A-Za-z][A-Za-z ]*\}(?:\^\{?[23]\}?)?", r"\1", s)  # 65 \text{ tickets}
+    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*(?!and\b|or\b|[AaPp]\.?[Mm]\.?\s*\})[A-Za-z][A-Za-z ]*\}(?:\^\{?[23]\}?)?", r"\1", s)  # 65 \text{ tickets}
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
     s = _unwrap_text(s)
     s = re.sub(r"\\(?:le|leq|leqslant)(?![a-z])", "<=", s)
@@ -206,6 +218,16 @@ def normalize(s: str) -> str:
     s = re.sub(r"_\{(\w)\}", r"_\1", s)
     s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt\s*(\d+)", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\sqrt\s*\[([^\[\]]+)\]\s*(\d+|[a-zA-Z])", r"\\sqrt[\1]{\2}", s)  # \\sqrt[3]5
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*(?=[(\[]|\\\{)", "", s)  # "t \\in (1, 5]": the set itself
+    s = re.sub(r"\\begin\{array\}\{[^{}]*\}(.*)\\end\{array\}", r"\\begin{matrix}\1\\end{matrix}", s)
+    s = re.sub(r"^[(\[]\s*(\\begin\{matrix\}.*\\end\{matrix\})\s*[)\]]$", r"\1", s)  # [array] == bmatrix
+    s = re.sub(r"\(([^();,]*;[^()]*)\)", lambda m: "(" + m.group(1).replace(";", ",") + ")", s)  # (1;2) == (1,2)
+    s = re.sub(r"(\^(?:\{[^{}]*\}|\d+))\s+(?=[\d(])", r"\1*", s)  # "3^2 5^3": a product, not 3^25^3
+    s = re.sub(r"(_(?:\{[^{}]*\}|[A-Za-z0-9]))\s+(?=[A-Za-z(])", r"\1*", s)  # "a_k b_{n-k}": a product
+    m = re.fullmatch(r"(-?\d+)\s+(\d+)\s*/\s*(\d+)", s)  # mixed number "2 3/4" (never "23/4")
+    if m and 0 < int(m.group(2)) < int(m.group(3)):
+        s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
     # numbers with units in words, "12 cm", "5 \text{ dollars}" (already unwrapped), "4 square units"
     m = re.fullmatch(rf"(.*?[\d}}])\s*(?:{_UNIT_WORDS})(?:\s+{_UNIT_WORDS})*\s*\.?", s) or \
         re.fullmatch(r"(-?[\d.,]+)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]{2,}){0,3}\s*\.?", s)  # "12 tomatoes"
@@ -263,6 +285,23 @@ def _num_equal(a, b) -> bool:
     return math.isclose(fa, fb, rel_tol=REL_TOL, abs_tol=1e-12)
 
 
+_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:(a\.?m\.?|p\.?m\.?))?", re.I)
+
+
+def _to_time(s: str):
+    """Seconds after midnight of a clock time ("9:05", "9:05:00", "7:15PM"), else None. Without am/pm the
+    hour is read as written: "7:15" is not "19:15"."""
+    m = _TIME.fullmatch(s)
+    if not m or int(m.group(2)) > 59 or int(m.group(3) or 0) > 59:
+        return None
+    h = int(m.group(1))
+    if m.group(4):
+        if not 1 <= h <= 12:
+            return None
+        h = h % 12 + (12 if m.group(4).lower().startswith("p") else 0)
+    return h * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0)
+
+
 # ----------------------------------------------------------------------------- structures
 _OPEN = {"(": ")", "[": "]", "\\{": "\\}", "{": "}"}
 
@@ -293,9 +332,9 @@ def _structure(s: str):
         parts = _split_top(s, "\\cup")
         if parts and len(parts) > 1:
             return "union", parts
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s)
-    if m:
-        rows = [r.split("&") for r in m.group(1).split("\\\\") if r.strip()]
+    m = re.fullmatch(r"(-|[-+]?\d+(?:\.\d+)?|[-+]?\\frac\{\d+\}\{\d+\})?\*?\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}", s)
+    if m:  # "3\\begin{pmatrix}1\\\\2\\end{pmatrix}": the scalar multiplies every entry
+        rows = [[_scaled(m.group(1), x) for x in r.split("&")] for r in m.group(2).split("\\\\") if r.strip()]
         return "matrix", rows
     if s.startswith("\\{") and s.endswith("\\}"):
         items = _split_top(s[2:-2])
@@ -313,6 +352,17 @@ def _structure(s: str):
     return None
 
 
+def _scaled(c: str | None, x: str) -> str:
+    """Entry x of a matrix multiplied by the scalar c ("-", "3", "\\frac{1}{2}", or None)."""
+    if not c or c == "+":
+        return x
+    nc, nx = _to_number("-1" if c == "-" else c), _to_number(normalize(x))
+    if nc and nx and not (nc[1] or nx[1]):
+        v = nc[0] * nx[0]
+        return str(v) if isinstance(v, Fraction) else repr(v)
+    return f"{'-1' if c == '-' else c}*({x})"
+
+
 def _balanced(s: str) -> bool:
     d = 0
     for c in s:
@@ -324,8 +374,9 @@ def _balanced(s: str) -> bool:
 
 
 def _interval_from_inequality(s: str):
-    """'x>2' -> '(2,\\infty)', '2<x\\leq5' -> '(2,5]', 'x<=-1' -> '(-\\infty,-1]'; else None."""
-    v = r"[a-zA-Z]"
+    """'x>2' -> '(2,\\infty)', '2<x\\leq5' -> '(2,5]', 'x<=-1' -> '(-\\infty,-1]', '-1<h(x)<1' -> '(-1,1)';
+    else None."""
+    v = r"[a-zA-Z](?:\([a-z]\))?"
     m = re.fullmatch(rf"([^<>=]+?)(<=|<)({v})(<=|<)([^<>=]+)", s)
     if m:
         return ("[" if m.group(2) == "<=" else "(") + m.group(1) + "," + m.group(5) + ("]" if m.group(4) == "<=" else ")")
@@ -344,8 +395,8 @@ def _interval_from_inequality(s: str):
 
 
 def _expand_pm(s: str):
-    if "\\pm" not in s or s.count("\\pm") > 1:
-        return None
+    if "\\pm" not in s or s.count("\\pm") > 1 or s.startswith("\\{") and s.endswith("\\}"):
+        return None  # inside a set the items are expanded (_match_unordered)
     return s.replace("\\pm", "+") + "," + s.replace("\\pm", "-")
 
 
@@ -366,6 +417,9 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
         return False
     if a.lower() == b.lower() and re.fullmatch(r"[A-Za-z ]+", b):
         return True
+    if "\\approx" in a or "\\approx" in b:  # "2\\sqrt{2}\\approx2.83": the exact value, else the stated approximation
+        xa, xb = a.split("\\approx"), b.split("\\approx")
+        return _equiv(xa[0], xb[0], deadline, depth + 1) or (len(xa) != len(xb) and _equiv(xa[-1], xb[-1], deadline, depth + 1))
     cb = _CHOICE.match(b)
     if cb:
         return _choice(a) == cb.group(1) or a == b
@@ -378,12 +432,22 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
         return False
     if nb and nb[1] and not na:
         return False
+    sa_, sb_ = _SUM.fullmatch(a), _SUM.fullmatch(b)
+    if sa_ and sb_ and sa_.group(1) == sb_.group(1):  # the same \\sum_{k=0}^{n}: compare the summands
+        return _equiv(sa_.group(2), sb_.group(2), deadline, depth + 1)
+    ta, tb = _to_time(a), _to_time(b)
+    if ta is not None and tb is not None:  # "9:05:00" == "9:05", "7:15PM" == "19:15"
+        return ta == tb
     eq = re.compile(r"(?<![<>!])=")
+    if ";" in b and ";" not in a and (sols := _solutions(b)):  # gold "a=1,b=2;a=3,b=4" vs "(1,2),(3,4)"
+        return _equiv(a, sols, deadline, depth + 1)
     if eq.search(a) and not eq.search(b):  # "E(2020,1993)=76" vs "76": the last right-hand side
         return _equiv(eq.split(a)[-1], b, deadline, depth + 1)
-    m = re.fullmatch(r"([a-zA-Z](?:\([a-z]\))?)=([^=]+)", b)
-    if m and not eq.search(a):  # gold "f(x)=x+22" or "d=\\frac{..}{..}" vs "x+22"
-        return _equiv(a, m.group(2), deadline, depth + 1)
+    lb, la = _LABELLED.fullmatch(b), _LABELLED.fullmatch(a)
+    if lb and not eq.search(a):  # gold "f(x)=x+22", "|PQ|=5", "m:n=2:3", "\\frac{PR}{QR}=\\frac{2}{3}" vs its value
+        return _equiv(a, lb.group(2), deadline, depth + 1)
+    if la and lb and la.group(1) != lb.group(1) and _equiv(la.group(2), lb.group(2), deadline, depth + 1):
+        return True  # "y=t^2" vs "g(t)=t^2": the same value under two labels
     fa, fb = _FUNC_EQ.fullmatch(a), _FUNC_EQ.fullmatch(b)
     if fa and fb and fa.group(1) == fb.group(1) and fa.group(2) != fb.group(2):  # "f(y)=y" vs "f(x)=x"
         rhs = re.sub(rf"(?<![\\a-zA-Z]){fa.group(2)}(?![a-zA-Z])", fb.group(2), fa.group(3))
@@ -399,7 +463,11 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
     # structures
     ia, ib = _interval_from_inequality(a), _interval_from_inequality(b)
     if ia or ib:
-        return _equiv(ia or a, ib or b, deadline, depth + 1) if (ia or a) != a or (ib or b) != b else False
+        if _equiv(ia or a, ib or b, deadline, depth + 1):
+            return True
+        if not (_INEQ.search(ia or a) or _INEQ.search(ib or b)):
+            return False  # both read as intervals: decided
+        return _symbolic_equal(a, b, max(0.05, deadline - time.monotonic()))  # "-2x>=-6" vs "x<=3": sympy solves
     pa, pb = _expand_pm(a), _expand_pm(b)
     if pa or pb:
         return _equiv(pa or a, pb or b, deadline, depth + 1)
@@ -408,6 +476,8 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
         if not (sa and sb):
             return False
         (ka, xa), (kb, xb) = sa, sb
+        if ka == kb == "set":  # a set lists each member once: {1,1,2} == {1,2}
+            xa, xb = list(dict.fromkeys(normalize(x) for x in xa)), list(dict.fromkeys(normalize(x) for x in xb))
         unordered = {"set", "list", "union"}
         if {ka, kb} == {"list", "bracket()"} and kb == "list":  # gold "1,2,3" listed, pred "(1,2,3)"
             ka = "list"
@@ -425,6 +495,20 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
 
 
 _FUNC_EQ = re.compile(r"([a-zA-Z])\(([a-z])\)=([^=]+)")
+# a label on the left of a gold's "=": a name, a function value, |PQ|, a ratio of names, a fraction of names
+_LABEL = (r"[A-Za-z]{1,4}(?:_\{?\w+\}?)?(?:\([a-z]\))?|\|[A-Za-z]{1,4}\||[A-Za-z]{1,3}(?::[A-Za-z]{1,3})+"
+          r"|\\frac\{[A-Za-z]{1,4}\}\{[A-Za-z]{1,4}\}")
+_LABELLED = re.compile(rf"({_LABEL})=([^=<>]+)")
+_INEQ = re.compile(r"<|>")
+_SUM = re.compile(r"(\\(?:sum|prod)_(?:\{[^{}]*\}|\w)\^(?:\{[^{}]*\}|\w))(.+)")
+
+
+def _solutions(s: str):
+    """'a=1,b=2;a=3,b=4' (solutions separated by ';', each an assignment of the same names) -> '(1,2),(3,4)'."""
+    parts = [_assignments(p) for p in _split_top(s, ";") or []]
+    if len(parts) < 2 or not all(parts) or any(list(p) != list(parts[0]) for p in parts):
+        return None
+    return ",".join("(" + ",".join(p.values()) + ")" for p in parts)
 
 
 def _assignments(s: str):
@@ -439,7 +523,7 @@ def _assignments(s: str):
     if not items or len(items) < 2:
         return None
     pairs = [re.split(r"(?<![<>!])=", x) for x in items]
-    if not all(len(p) == 2 and re.fullmatch(r"[a-zA-Z](?:_\w+)?(?:\([a-z]\))?", p[0]) for p in pairs):
+    if not all(len(p) == 2 and re.fullmatch(_LABEL, p[0]) for p in pairs):
         return None
     out = dict(pairs)
     return out if len(out) == len(pairs) else None
@@ -552,6 +636,32 @@ def _sympy_job(a: str, b: str) -> bool:
                             parse_expr(rhs, local_dict=local, transformations=tr, evaluate=False))
         return parse_expr(s, local_dict=local, transformations=tr, evaluate=False)
 
+    def as_set(s):  # an interval, a union or an inequality in one variable, as a subset of the reals; else None
+        parts = _split_top(s, "\\cup")
+        if parts and len(parts) > 1:
+            sets = [as_set(p) for p in parts]
+            return sympy.Union(*sets) if all(x is not None for x in sets) else None
+        m = re.fullmatch(r"([\[(])([^,]+),([^,]+)([\])])", s)
+        if m:
+            lo, hi = parse(m.group(2)), parse(m.group(3))
+            return sympy.Interval(lo, hi, m.group(1) == "(", m.group(4) == ")")
+        terms = re.split(r"(<=|>=|<|>)", s)
+        if len(terms) < 3 or "=" in s.replace("<=", "").replace(">=", ""):
+            return None
+        ex = [parse(t) for t in terms[::2]]
+        free = set().union(*(e.free_symbols for e in ex))
+        if len(free) != 1:
+            return None
+        (v,) = free
+        ops = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge}
+        out = sympy.S.Reals
+        for lhs, op, rhs in zip(ex, terms[1::2], ex[1:]):
+            out = out & sympy.solve_univariate_inequality(ops[op](lhs, rhs), v, relational=False)
+        return out
+
+    if _INEQ.search(a) or _INEQ.search(b):  # relations and intervals: compare the sets they describe
+        sa, sb = as_set(a), as_set(b)
+        return sa is not None and sb is not None and (sa == sb or sa.symmetric_difference(sb).is_empty is True)
     x, y = parse(a), parse(b)
     for e in (x, y):  # refuse towers like 10^{10^{10}} before anything evaluates them (mpmath floats are safe)
         for p in e.atoms(sympy.Pow):
@@ -564,7 +674,10 @@ def _sympy_job(a: str, b: str) -> bool:
         if not (isinstance(x, sympy.Eq) and isinstance(y, sympy.Eq)):
             return False
         dx, dy = x.lhs - x.rhs, y.lhs - y.rhs
-        return sympy.simplify(dx - dy) == 0 or sympy.simplify(dx + dy) == 0
+        if sympy.simplify(dx - dy) == 0 or sympy.simplify(dx + dy) == 0:
+            return True
+        r = sympy.simplify(dx / dy)  # the same equation times a nonzero constant: x^2+y^2=4 == 2x^2+2y^2=8
+        return bool(r.is_number and r != 0 and r.is_finite)
     x, y = sympy.sympify(x), sympy.sympify(y)
     if x == y:
         return True
