@@ -13,6 +13,8 @@ Kinds (KINDS below; each method file that trains a verifier adds its kind here a
   prm     prm_train.py's PRM: a causal LM read at the step tag after each step, head `lm2` (logit of the
           positive minus the negative label token, Math-Shepherd/OpenR) or `cls` (token classification,
           TRL). An ORM is a prm trained on outcome labels.
+  implicit  prime.py's implicit PRM: sigma(beta * log pi_phi/pi_ref summed up to the end of each step);
+          verifier.json names beta and the reference model dir.
   oracle  the toy checker: 1 for each step before the first wrong one, 0 from it on (an upper bound).
 Public PRM formats load without a verifier.json: the format is detected from the config and tokenizer,
 or given as `fmt` (`--verifier_format`):
@@ -332,12 +334,59 @@ class OracleVerifier:
         return self.score(problems, steps_lists)
 
 
+class ImplicitVerifier:
+    """Kind `implicit` (prime.py): an implicit PRM (arXiv 2412.01981), a causal LM pi_phi trained so that
+    beta * log pi_phi(y)/pi_ref(y) is the outcome reward. A step's score is sigma(beta * the log-ratio summed
+    over every token up to the end of that step): sigma of the cumulative reward the implicit-PRM paper
+    scores best-of-N with (so min aggregation picks the same step, and 0.5 means a cumulative reward of 0)."""
+    kind = "implicit"
+
+    def __init__(self, model, ref, tok, meta: dict, batch_tokens: int = 16384, max_len: int = 4096):
+        self.model, self.ref, self.tok = model.eval(), ref.eval(), tok
+        self.meta = {**PRM_DEFAULTS, **meta}
+        self.beta, self.batch_tokens, self.max_len, self.tokens = float(self.meta["beta"]), batch_tokens, max_len, 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def score(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        dev = next(self.model.parameters()).device
+        ex = []
+        for i, (p, s) in enumerate(zip(problems, steps_lists)):
+            ids, tags = encode(self.tok, p, s, self.meta, self.max_len)
+            ex.append({"ids": ids, "tags": tags, "i": i, "start": len(prompt_ids(self.tok, p, self.meta))})
+        self.tokens += 2 * sum(len(e["ids"]) for e in ex)  # the PRM and its reference
+        out: list[list[float]] = [[] for _ in problems]
+        for batch in make_batches(ex, self.batch_tokens, random.Random(0)):
+            ids, mask, _, _, _ = collate(batch, self.pad, dev)
+            lr = []
+            for m in (self.model, self.ref):
+                logp = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                lr.append(logp.gather(-1, ids[:, 1:, None]).squeeze(-1))  # (B, T-1): log p of token t+1
+            ratio = (lr[0] - lr[1]) * mask[:, 1:]
+            for r, e in enumerate(batch):
+                cum = ratio[r, e["start"] - 1:].cumsum(0)  # reward of the response tokens only
+                out[e["i"]] = torch.sigmoid(self.beta * cum[[t - e["start"] for t in e["tags"]]]).tolist()
+        return _pad_scores(out, steps_lists)
+
+    def score_shared(self, problems, steps_lists, shared):
+        return self.score(problems, steps_lists)
+
+
+def _load_implicit_kind(path: Path, meta: dict, device, **kw) -> ImplicitVerifier:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref = Path(meta["reference"])
+    ref = ref if ref.is_absolute() else path / ref
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model, ref_model = (AutoModelForCausalLM.from_pretrained(str(d)).to(device) for d in (path, ref))
+    return ImplicitVerifier(model, ref_model, tok, meta, **kw)
+
+
 def _load_prm_kind(path: Path, meta: dict, device, **kw) -> PRMVerifier:
     prm, tok = build_prm(str(path), meta)
     return PRMVerifier(prm.to(device), tok, meta, **kw)
 
 
-KINDS = {"prm": _load_prm_kind}  # kind -> loader(path, meta, device, **options); each method adds its own
+KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind}  # kind -> loader(path, meta, device, **options)
 
 
 def detect_format(path: Path) -> str:

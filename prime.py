@@ -1,0 +1,549 @@
+"""prime.py: PRIME, online RL with an implicit process reward (Cui et al., "Process Reinforcement through
+Implicit Rewards", arXiv 2502.01456; the implicit PRM: Yuan et al., arXiv 2412.01981), as PRIME-RL/PRIME's
+code runs it.
+
+Each RL step: sample prompts, K rollouts each at T = 1, grade them 0/1; keep prompts whose mean accuracy is
+in [0.2, 0.8], sampling more until the batch is full (the surplus waits for the next step). The implicit PRM
+pi_phi and a frozen reference start as the SFT policy; a token's process reward is q_t = log pi_phi(y_t) -
+log pi_ref(y_t). The PRM is updated first on this batch with BCE(sigma(beta * sum_t q_t), outcome), and the q
+of that same forward are the process rewards ("single forward"). They are divided by the batch's largest
+|return-to-go|; RLOO runs separately on the outcome (last token) and on the process rewards (per token),
+returns are summed (gamma = 1) and whitened over the valid tokens; then PPO-clip on recomputed old logprobs,
+one epoch of 4 mini-batches, no KL, no entropy bonus. The trained PRM is saved as a verifier dir of kind
+`implicit` (utils/verifiers.py), so search.py and eval.py score it beside the PRM and the ORM.
+
+Deviations (every one a code fact the paper leaves out is kept, and said where it is computed):
+  1. Toy-scale hyperparameters (TOY below) replace the paper's when --model is empty.
+  2. Under torchrun each rank normalises and whitens its own shard, as the original does; --global_stats
+     uses the whole batch's statistics instead.
+  3. The micro-batch is --micro_batch sequences with a token-mean per sequence, then a mean over sequences
+     (the original's 1 sequence per GPU micro-batch gives the same sequence-mean of token-means).
+  4. DDP, not FSDP, wraps the policy and the PRM (small models; the loop is the same).
+  5. If the filter cannot fill a batch in --max_rounds sampling rounds, the step goes on with what passed
+     (the original samples until it fills).
+
+    python prime.py                                                  # toy world on CPU
+    python prime.py --compare                                        # PRIME vs RLOO vs a frozen PRM, 3 seeds
+    torchrun --nproc_per_node 8 prime.py --model Eurus-2-7B-SFT --data train.jsonl --bf16
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.data import build_prompt, load_problems, read_jsonl
+from utils.generation import load_backend
+from utils.grader import grade
+from utils.train import MetricsLog, run_main, seed_all, setup_dist, unwrap, write_json
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = field(default="", metadata={"help": "SFT policy: the init of the policy, the PRM and the reference; "
+                                                     "empty: the toy policy"})
+    data: str = field(default="", metadata={"help": "training prompts JSONL {problem, answer} (default: toy train)"})
+    eval_data: str = field(default="", metadata={"help": "test problems JSONL (default: toy test)"})
+    eval_problems: int = field(default=500, metadata={"help": "test problems evaluated (0: all)"})
+    toy_dir: str = field(default="", metadata={"help": "toy world dir (default: built/cached by utils.toy)"})
+    chat: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
+    # rollouts
+    prompts_per_step: int = field(default=256, metadata={"help": "prompts per RL step after the filter (paper: 256)"})
+    k: int = field(default=4, metadata={"help": "rollouts per prompt (paper: 4)"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout temperature (paper: 1.0)"})
+    max_new_tokens: int = field(default=3072, metadata={"help": "max response tokens (paper: 3072)"})
+    filter_low: float = field(default=0.2, metadata={"help": "keep prompts with mean accuracy >= this (paper: 0.2)"})
+    filter_high: float = field(default=0.8, metadata={"help": "... and <= this (paper: 0.8)"})
+    max_rounds: int = field(default=8, metadata={"help": "sampling rounds per step to fill the batch (deviation 5)"})
+    backend: str = field(default="auto", metadata={"help": "rollouts: auto | vllm | hf"})
+    # implicit PRM
+    beta: float = field(default=0.05, metadata={"help": "beta of the PRM loss (paper: 0.05)"})
+    prm_lr: float = field(default=1e-6, metadata={"help": "PRM AdamW lr, constant (code: 1e-6)"})
+    prm_grad_clip: float = field(default=10.0, metadata={"help": "PRM grad-norm clip (code: 10)"})
+    process_rewards: bool = field(default=True, metadata={"help": "use the PRM's process rewards (false: outcome-only RLOO)"})
+    prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
+    rescore: bool = field(default=False, metadata={"help": "take process rewards from a second forward after the PRM "
+                                                           "update (paper B.2 'double forward'; default single)"})
+    # policy
+    lr: float = field(default=5e-7, metadata={"help": "policy AdamW lr, constant (paper: 5e-7)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "policy AdamW weight decay (verl default 0.01)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "policy grad-norm clip (code: 1.0)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch (paper: 1)"})
+    mini_batches: int = field(default=4, metadata={"help": "optimizer steps per pass, for the policy and the PRM (code: 4)"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per forward (memory; deviation 3)"})
+    gamma: float = field(default=1.0, metadata={"help": "discount of both returns (paper: 1.0)"})
+    global_stats: bool = field(default=False, metadata={"help": "torchrun: normalise and whiten over all ranks (deviation 2)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on GPU"})
+    # run
+    steps: int = field(default=592, metadata={"help": "RL steps (paper: 592)"})
+    eval_every: int = field(default=16, metadata={"help": "test accuracy every N steps (paper: 16)"})
+    save_every: int = field(default=16, metadata={"help": "checkpoint every N steps (paper: 16); --resume restarts there"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
+    compare: bool = field(default=False, metadata={"help": "run prime, rloo and frozen_prm for every --seeds; print the curves"})
+    seeds: str = field(default="0,1,2", metadata={"help": "seeds of --compare"})
+    out_dir: str = field(default="runs/prime", metadata={"help": "metrics.jsonl, results.json, checkpoint/, prm/"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, sampling and init"})
+
+
+# Toy scale (the 0.28M-parameter toy policy on 2 CPU cores), applied when --model is empty.
+TOY = dict(prompts_per_step=32, max_new_tokens=160, backend="hf", prm_lr=6e-4, lr=3e-4, weight_decay=0.0,
+           steps=60, eval_every=10, save_every=1, eval_problems=200, micro_batch=64)
+
+
+# ----------------------------------------------------------------------------- the algorithm, piece by piece
+def process_rewards(policy_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q_t = log pi_phi(y_t) - log pi_ref(y_t) on response tokens, 0 elsewhere. All (B, T)."""
+    return (policy_logp - ref_logp) * mask  # implicit PRM, Eq. (3) without beta (beta only enters the loss)
+
+
+def normalize_process_rewards(q: torch.Tensor, mask: torch.Tensor, max_abs: float | None = None) -> torch.Tensor:
+    """q / (max over the batch of |return-to-go| + 1e-6): every process return-to-go is then <= 1, and beta
+    cancels out (the code's `prime_norm: batch_norm`; `max_abs` is a precomputed global maximum)."""
+    rtg = (q * mask).flip(-1).cumsum(-1).flip(-1)  # (B, T)
+    m = (rtg.abs() * mask).max() if max_abs is None else max_abs
+    return q / (m + 1e-6)
+
+
+def prm_loss(q: torch.Tensor, mask: torch.Tensor, outcome: torch.Tensor, beta: float) -> torch.Tensor:
+    """BCE(sigma(beta * sum_t q_t), outcome), mean over sequences (paper: L_CE, Eq. 4)."""
+    return F.binary_cross_entropy_with_logits(beta * (q * mask).sum(-1), outcome.float())
+
+
+def _masked_rloo(r: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The code's masked RLOO: per group of k rows, r_t * k/(k-1) - (sum_j mean_t r_j)/(k-1) on valid tokens.
+    For a reward on the last token only this is r_i - mean_{j != i} r_j (Eq. 5's leave-one-out baseline)."""
+    B = r.shape[0]
+    mean = (r * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    base = mean.view(B // k, k).sum(-1, keepdim=True).expand(B // k, k).reshape(B, 1) / (k - 1)  # (B, 1)
+    return (r * k / (k - 1) - base) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, stats: tuple | None = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the valid tokens, var unbiased (verl's masked_whiten, mean shifted);
+    `stats` = (mean, var) computed elsewhere (global statistics)."""
+    if stats is None:
+        n = mask.sum()
+        mean = (x * mask).sum() / n
+        var = (((x - mean) ** 2) * mask).sum() / n * (n / (n - 1))
+    else:
+        mean, var = stats
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def rloo_returns(outcome: torch.Tensor, process: torch.Tensor, mask: torch.Tensor, k: int, gamma: float = 1.0,
+                 whiten_stats: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PRIME's compute_rloo_returns + masked whitening. outcome (B,), process and mask (B, T); rows in groups
+    of k. Returns (advantages, returns), both (B, T)."""
+    last = mask.cumsum(-1) == mask.sum(-1, keepdim=True)  # (B, T): the last valid token
+    last = last & mask.bool()
+    r_out = torch.zeros_like(process)
+    r_out[last] = outcome.float()[last.any(-1)]
+    reward = _masked_rloo(r_out, last.float(), k) + _masked_rloo(process, mask, k)  # Eq. (5), both sources
+    T = reward.shape[1]
+    disc = gamma ** torch.arange(T, dtype=reward.dtype, device=reward.device)  # returns: sum_{s>=t} gamma^(s-t) r_s
+    returns = ((reward * mask * disc).flip(-1).cumsum(-1).flip(-1) / disc) * mask
+    return masked_whiten(returns, mask, whiten_stats), returns  # NOTE: the whitening is in the code, not the paper
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps: float):
+    """PPO-clip: -min(rho A, clip(rho, 1-eps, 1+eps) A), token-mean per sequence, mean over sequences.
+    Returns (loss, clipped fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    per_seq = -(surr * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # deviation 3
+    clipped = (((ratio - 1).abs() > eps).float() * mask).sum() / mask.sum().clamp(min=1)
+    return per_seq.mean(), clipped
+
+
+def group_filter(acc: list[float], k: int, low: float, high: float) -> list[bool]:
+    """Per prompt (k consecutive rollouts): keep iff low <= mean accuracy <= high (inclusive, as the code)."""
+    return [low <= sum(acc[i: i + k]) / k <= high for i in range(0, len(acc), k)]
+
+
+def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> float:
+    """Within each group: the share of (right, wrong) pairs the PRM's sequence reward orders right."""
+    hit = n = 0
+    for g in range(0, len(score), k):
+        s, o = score[g: g + k].tolist(), outcome[g: g + k].tolist()
+        for i in range(k):
+            for j in range(k):
+                if o[i] > o[j]:
+                    hit += s[i] > s[j]
+                    n += 1
+    return hit / n if n else float("nan")
+
+
+# ----------------------------------------------------------------------------- tensors from rollouts
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, device):
+    """log pi(y_t | x, y_<t) of each response token, (B, T) right-padded, and its mask (B, T)."""
+    T = max(1, max(len(r) for r in responses))
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # (B, L)
+    att = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        att[i, : len(p) + len(r)] = 1
+    ids, att = ids.to(device), att.to(device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1): log p of token j+1
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    pos = (start[:, None] + torch.arange(T, device=device)[None]).clamp(max=L - 2)  # (B, T)
+    mask = (torch.arange(T, device=device)[None] < torch.tensor([len(r) for r in responses], device=device)[:, None])
+    return logp.gather(1, pos) * mask, mask.float()
+
+
+def logprobs_chunked(model, batch: dict, idx: list[int], micro: int, pad: int, device, grad: bool = False):
+    """token_logprobs over rows idx in micro-batches; (B, T) padded to the batch's longest response."""
+    T = batch["T"]
+    out = []
+    for s in range(0, len(idx), micro):
+        rows = idx[s: s + micro]
+        with torch.set_grad_enabled(grad):
+            lp, _ = token_logprobs(model, [batch["prompts"][i] for i in rows], [batch["responses"][i] for i in rows],
+                                   pad, device)
+        out.append(F.pad(lp, (0, T - lp.shape[1])))
+    return torch.cat(out)
+
+
+def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, step: int, tok, dist) -> tuple:
+    """Fill the step's batch: take carried-over groups first, then sample K rollouts for fresh prompts until
+    prompts_per_step groups (this rank's share) pass the filter; the surplus is carried over."""
+    want = max(1, args.prompts_per_step // dist.world)
+    kept, seen, rounds, n_rollouts, right, passed = list(buffer), 0, 0, 0, 0.0, 0
+    buffer.clear()
+    while len(kept) < want and rounds < args.max_rounds:
+        take = []
+        while len(take) < want:  # this rank's slice of the epoch's shuffled order
+            if cursor["pos"] >= len(cursor["order"]):
+                cursor["epoch"] += 1
+                cursor["order"] = _order(len(problems), args.seed + cursor["epoch"])
+                cursor["pos"] = 0
+            j = cursor["order"][cursor["pos"]]
+            cursor["pos"] += 1
+            if j % dist.world == dist.rank:
+                take.append(problems[j])
+        prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in take]
+        outs = gen.sample(prompts, n=args.k, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                          seed=args.seed * 100003 + step * 1009 + rounds * 7 + dist.rank, logprobs=False)
+        for p, pr, o in zip(take, prompts, outs):
+            acc = [float(grade(s.text, str(p["answer"]))) for s in o]
+            right += sum(acc)
+            group = {"prompt": pr, "responses": [list(s.token_ids) for s in o], "acc": acc}
+            if group_filter(acc, args.k, args.filter_low, args.filter_high)[0]:
+                kept.append(group)
+                passed += 1
+        seen += len(take)
+        n_rollouts += len(take) * args.k
+        rounds += 1
+    buffer.extend(kept[want:])  # carried into the next step
+    return kept[:want], {"rollout/acc": right / max(1, n_rollouts), "rollout/filtered_frac": 1 - passed / max(1, seen),
+                         "rollout/rounds": rounds,
+                         "rollout/rollouts": n_rollouts, "rollout/carried": len(buffer)}
+
+
+def _order(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _all_reduce(x: torch.Tensor, op, dist) -> torch.Tensor:
+    if dist.on:
+        torch.distributed.all_reduce(x, op=op)
+    return x
+
+
+# ----------------------------------------------------------------------------- one RL step
+def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, dist) -> dict:
+    """PRM update (rewards from the same forward), advantages, PPO update. Returns the step's metrics."""
+    dev, pad, k = dist.device, tok.pad_token_id or 0, args.k
+    batch = {"prompts": [g["prompt"] for g in groups for _ in g["responses"]],
+             "responses": [r for g in groups for r in g["responses"]]}
+    batch["T"] = max(1, max(len(r) for r in batch["responses"]))
+    B = len(batch["responses"])
+    outcome = torch.tensor([a for g in groups for a in g["acc"]], device=dev)  # (B,)
+    mask = torch.zeros((B, batch["T"]), device=dev)  # (B, T)
+    for i, r in enumerate(batch["responses"]):
+        mask[i, : len(r)] = 1
+    rows = list(range(B))
+    m = {}
+    t = time.time()
+    # 1. implicit PRM: q from the forward that is backpropagated ("single forward"); groups stay whole
+    with torch.no_grad():
+        ref_lp = logprobs_chunked(ref, batch, rows, args.micro_batch, pad, dev)
+    q = torch.zeros((B, batch["T"]), device=dev)
+    losses = []
+    size = k * math.ceil(B / k / args.mini_batches)  # mini-batches in order, whole groups (the PRM's own batching)
+    for mb in [rows[i: i + size] for i in range(0, B, size)]:
+        lp = logprobs_chunked(prm, batch, mb, args.micro_batch, pad, dev, grad=args.prm_update)
+        q_mb = process_rewards(lp, ref_lp[mb], mask[mb])
+        loss = prm_loss(q_mb, mask[mb], outcome[mb], args.beta)
+        if args.prm_update:
+            ropt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip)
+            ropt.step()
+        q[mb] = q_mb.detach()
+        losses.append(loss.item())
+    if args.rescore:  # double forward: rewards from the updated PRM
+        with torch.no_grad():
+            q = process_rewards(logprobs_chunked(prm, batch, rows, args.micro_batch, pad, dev), ref_lp, mask)
+    seq = args.beta * q.sum(-1)
+    m.update({"train/prm_loss": sum(losses) / len(losses), "train/prm_pairwise_acc": pairwise_accuracy(seq, outcome, k)})
+    m["time/prm"] = time.time() - t
+    # 2. advantages: normalised process rewards + outcome, RLOO each, summed, whitened (per rank: deviation 2)
+    t = time.time()
+    if args.process_rewards:
+        rtg = (q * mask).flip(-1).cumsum(-1).flip(-1)
+        mx = _all_reduce((rtg.abs() * mask).max().reshape(1), torch.distributed.ReduceOp.MAX, dist)[0] \
+            if args.global_stats else None
+        p = normalize_process_rewards(q, mask, mx)
+    else:
+        p = torch.zeros_like(q)
+    stats = None
+    if args.global_stats and dist.on:
+        _, ret = rloo_returns(outcome, p, mask, k, args.gamma)
+        s = _all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]), torch.distributed.ReduceOp.SUM, dist)
+        mean = s[0] / s[2]
+        stats = (mean, (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1))
+    adv, ret = rloo_returns(outcome, p, mask, k, args.gamma, stats)
+    m.update({"train/outcome_acc": outcome.mean().item(), "train/process_return_abs": (p.flip(-1).cumsum(-1).abs() * mask).sum().item() / mask.sum().item(),
+              "train/adv_mean": ((adv * mask).sum() / mask.sum()).item(), "train/return_std": ret[mask.bool()].std().item()})
+    # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
+    with torch.no_grad():
+        old = logprobs_chunked(policy, batch, rows, args.micro_batch, pad, dev)
+    clip_fracs, plosses = [], []
+    for _ in range(args.ppo_epochs):
+        order = rows[:]
+        random.Random(args.seed + len(plosses)).shuffle(order)
+        for i in range(args.mini_batches):
+            mb = order[i::args.mini_batches]
+            if not mb:
+                continue
+            lp = logprobs_chunked(policy, batch, mb, args.micro_batch, pad, dev, grad=True)
+            loss, cf = ppo_loss(lp, old[mb], adv[mb], mask[mb], args.clip_eps)
+            popt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            popt.step()
+            plosses.append(loss.item())
+            clip_fracs.append(cf.item())
+    m.update({"train/policy_loss": sum(plosses) / len(plosses), "train/clip_frac": sum(clip_fracs) / len(clip_fracs),
+              "time/policy": time.time() - t, "train/tokens": int(mask.sum().item())})
+    return m
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints
+def evaluate(gen, problems: list[dict], args: Args, tok, n_samples: int = 4) -> dict:
+    """Test accuracy: greedy, and per sample at T = 1 (n_samples per problem)."""
+    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
+    greedy = gen.sample(prompts, n=1, temperature=0.0, max_tokens=args.max_new_tokens, logprobs=False)
+    sampled = gen.sample(prompts, n=n_samples, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 7,
+                         logprobs=False)
+    g = [grade(o[0].text, str(p["answer"])) for p, o in zip(problems, greedy)]
+    s = [grade(c.text, str(p["answer"])) for p, o in zip(problems, sampled) for c in o]
+    return {"greedy_acc": sum(g) / len(g), "sample_acc": sum(s) / len(s)}
+
+
+def save_state(out: Path, step: int, policy, prm, popt, ropt, cursor: dict, buffer: list, extra: dict) -> None:
+    """out/checkpoint/state.pt, replaced atomically: a kill at any moment leaves the previous one whole."""
+    d = out / "checkpoint"
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "policy": unwrap(policy).state_dict(), "prm": unwrap(prm).state_dict(),
+                "popt": popt.state_dict(), "ropt": ropt.state_dict(), "cursor": cursor, "buffer": buffer,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, **extra}, d / "state.pt.tmp")
+    os.replace(d / "state.pt.tmp", d / "state.pt")
+
+
+def save_verifier(out: Path, prm, ref, tok, args: Args) -> Path:
+    """The trained implicit PRM as a verifier dir (kind `implicit`), its reference inside it."""
+    d = out / "prm"
+    unwrap(prm).save_pretrained(d)
+    tok.save_pretrained(d)
+    ref.save_pretrained(d / "reference")
+    write_json(d / "verifier.json", {"kind": "implicit", "beta": args.beta, "reference": "reference",
+                                     "chat": args.chat, "step_tag": "\n\n"})
+    return d
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    if args.compare:
+        return compare(args)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t0 = time.time()
+    dist = setup_dist()
+    seed_all(args.seed)
+    out = Path(args.out_dir)
+    toy = not args.model
+    if toy:
+        from utils.toy import ensure_toy
+        tdir = Path(args.toy_dir) if args.toy_dir else ensure_toy()
+        args.model = str(tdir / "policy")
+        args.data, args.eval_data = args.data or str(tdir / "train.jsonl"), args.eval_data or str(tdir / "test.jsonl")
+    if not (args.k >= 2 and 0 <= args.filter_low <= args.filter_high <= 1 and args.mini_batches >= 1):
+        raise ValueError("--k must be >= 2, 0 <= --filter_low <= --filter_high <= 1, --mini_batches >= 1")
+    problems = load_problems(args.data)
+    test = load_problems(args.eval_data, args.eval_problems or None) if args.eval_data else []
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(args))
+    dev = dist.device
+    dtype = torch.bfloat16 if args.bf16 and dev.type == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(args.model)
+    policy, prm, ref = (AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev) for _ in range(3))
+    ref.requires_grad_(False).eval()
+    popt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ropt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=0.0)
+    cursor, buffer, start, results = {"epoch": 0, "pos": 0, "order": _order(len(problems), args.seed)}, [], 0, {}
+    ckpt = out / "checkpoint" / "state.pt"
+    if args.resume and ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        policy.load_state_dict(st["policy"])
+        prm.load_state_dict(st["prm"])
+        popt.load_state_dict(st["popt"])
+        ropt.load_state_dict(st["ropt"])
+        cursor, buffer, start, results = st["cursor"], st["buffer"], st["step"], st["results"]
+        random.setstate(st["rng"]["python"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if dist.main and (out / "metrics.jsonl").exists():  # drop rows logged after the checkpoint
+            rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if dist.on:
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
+        prm = torch.nn.parallel.DistributedDataParallel(prm)
+    backend = "hf" if args.backend == "auto" and not torch.cuda.is_available() else args.backend
+    gen = load_backend(args.model, backend=backend, model=unwrap(policy), tokenizer=tok) if backend != "vllm" else \
+        load_backend(args.model, backend="vllm")
+    log = MetricsLog(out, enabled=dist.main)
+    if dist.main and "sft/greedy_acc" not in results and test:
+        results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+        print(f"SFT policy: greedy {100 * results['sft/greedy_acc']:.1f}%, T=1 {100 * results['sft/sample_acc']:.1f}%")
+    rollouts = results.get("rollouts", 0)
+    bar = tqdm(range(start, args.steps), desc="PRIME" if args.process_rewards else "RLOO", disable=not dist.main,
+               initial=start, total=args.steps)
+    for step in bar:
+        t = time.time()
+        unwrap(policy).eval()
+        groups, m = collect(gen, problems, cursor, buffer, args, step, tok, dist)
+        m["time/rollout"] = time.time() - t
+        n = torch.tensor([len(groups)], device=dev)
+        n = int(_all_reduce(n, torch.distributed.ReduceOp.MIN, dist)[0]) if dist.on else len(groups)
+        buffer[:0] = groups[n:]  # every rank updates on as many groups (DDP), the rest waits for the next step
+        rollouts += int(_all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
+        if n:
+            unwrap(policy).train()
+            m.update(rl_step(policy, prm, ref, popt, ropt, groups[:n], args, tok, dist))
+        t = time.time()
+        if gen.name == "vllm":
+            gen.update_weights(unwrap(policy))
+        m["time/weight_sync"] = time.time() - t
+        m["rollouts"] = rollouts
+        m["train/reward"] = m.pop("rollout/acc")
+        m["tokens_per_s"] = m.get("train/tokens", 0) / max(1e-9, sum(v for k, v in m.items() if k.startswith("time/")))
+        if dist.main and test and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            unwrap(policy).eval()
+            m.update({f"eval/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+        if dist.main:
+            log.log(step + 1, **m)
+            bar.set_postfix(reward=f"{m['train/reward']:.3f}", prm_loss=f"{m.get('train/prm_loss', float('nan')):.3f}")
+        results["rollouts"] = rollouts
+        if dist.main and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            save_state(out, step + 1, policy, prm, popt, ropt, cursor, buffer, {"results": results})
+    if dist.main:
+        if test:
+            unwrap(policy).eval()
+            results.update({f"final/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+        results["wall_s"] = time.time() - t0
+        unwrap(policy).save_pretrained(out / "policy")
+        tok.save_pretrained(out / "policy")
+        save_verifier(out, prm, ref, tok, args)
+        write_json(out / "results.json", results)
+        print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
+    if dist.on:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+# ----------------------------------------------------------------------------- --compare
+METHODS = {"prime": {}, "rloo": {"process_rewards": False}, "frozen_prm": {"prm_update": False}}
+
+
+def smooth(xs: list[float], w: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - w + 1): i + 1]) / len(xs[max(0, i - w + 1): i + 1]) for i in range(len(xs))]
+
+
+def rollouts_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first rollout count at which a (rollouts, smoothed reward) curve reaches target."""
+    return next((r for r, v in curve if v >= target), None)
+
+
+def compare(args: Args) -> dict:
+    """PRIME, outcome-only RLOO and a frozen PRM on the same budget for every seed: learning curves, final
+    test accuracy, and how many rollouts each needs to reach RLOO's final smoothed training reward."""
+    out, seeds, res, curves = Path(args.out_dir), [int(s) for s in args.seeds.split(",")], {}, {}
+    for name, over in METHODS.items():
+        for s in seeds:
+            d = out / f"{name}_seed{s}"
+            r = main(replace(args, compare=False, seed=s, out_dir=str(d), resume=True, **over))
+            rows = read_jsonl(d / "metrics.jsonl")
+            curves[name, s] = {"rollouts": [x["rollouts"] for x in rows], "reward": smooth([x["train/reward"] for x in rows]),
+                               "step_s": [sum(v for k, v in x.items() if k.startswith("time/")) for x in rows], "r": r,
+                               "eval": [(x["rollouts"], x["eval/greedy_acc"], x["eval/sample_acc"]) for x in rows if "eval/greedy_acc" in x]}
+    target = sum(curves["rloo", s]["reward"][-1] for s in seeds) / len(seeds)
+    table = ["| method | final smoothed reward | final greedy | final T=1 | rollouts to RLOO's final reward | s/step |",
+             "|---|---|---|---|---|---|"]
+    for name in METHODS:
+        cs = [curves[name, s] for s in seeds]
+        fin = [c["reward"][-1] for c in cs]
+        need = [rollouts_to_reach(list(zip(c["rollouts"], c["reward"])), target) for c in cs]
+        total = cs[0]["rollouts"][-1]
+        for key in ("greedy_acc", "sample_acc"):
+            vals = [c["r"][f"final/{key}"] for c in cs]
+            res[f"{name}/final/{key}"] = sum(vals) / len(vals)
+            res[f"{name}/final/{key}_seeds"] = vals
+        res[f"{name}/final_smoothed_reward"] = sum(fin) / len(fin)
+        res[f"{name}/rollouts_to_rloo_final_reward"] = need
+        res[f"{name}/seconds_per_step"] = sum(sum(c["step_s"]) / len(c["step_s"]) for c in cs) / len(cs)
+        ok = [total / x for x in need if x]
+        res[f"{name}/sample_efficiency_vs_rloo"] = sum(ok) / len(ok) if len(ok) == len(need) else None
+        table.append(f"| {name} | {_spread(fin)} | {_spread([c['r']['final/greedy_acc'] for c in cs], 100)} | "
+                     f"{_spread([c['r']['final/sample_acc'] for c in cs], 100)} | {need} (of {total}) | "
+                     f"{res[f'{name}/seconds_per_step']:.1f} |")
+    res["sft/greedy_acc"], res["sft/sample_acc"] = (curves["prime", seeds[0]]["r"][f"sft/{k}"] for k in ("greedy_acc", "sample_acc"))
+    res["prime_cost_per_step_vs_rloo"] = res["prime/seconds_per_step"] / res["rloo/seconds_per_step"]
+    curve = ["| rollouts | " + " | ".join(f"{n} reward / greedy" for n in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for i, (r, _, _) in enumerate(curves["prime", seeds[0]]["eval"]):
+        cells = []
+        for name in METHODS:
+            ev = [curves[name, s]["eval"][i] for s in seeds if i < len(curves[name, s]["eval"])]
+            rw = [dict(zip(curves[name, s]["rollouts"], curves[name, s]["reward"])).get(e[0]) for s, e in zip(seeds, ev)]
+            cells.append(f"{_spread([x for x in rw if x is not None])} / {_spread([e[1] for e in ev], 100)}")
+        curve.append(f"| {r} | " + " | ".join(cells) + " |")
+    md = (f"RLOO's final smoothed training reward: {target:.3f} (mean of {len(seeds)} seeds)\n\n" + "\n".join(table) +
+          "\n\nlearning curves (mean ± half-range over seeds; reward smoothed over 10 steps)\n\n" + "\n".join(curve) + "\n")
+    (out / "compare.md").write_text(md)
+    write_json(out / "results.json", res)
+    print(md)
+    return res
+
+
+def _spread(xs: list[float], scale: float = 1.0) -> str:
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    return f"{scale * m:.3g} ± {scale * (max(xs) - min(xs)) / 2:.2g}"
+
+
+if __name__ == "__main__":
+    run_main(main, Args, TOY)

@@ -1,0 +1,165 @@
+"""prime.py: the pure pieces by hand (step-0 invariants, RLOO returns, the return-to-go normalisation, PPO-clip,
+the filter), then end-to-end runs on the tiny toy world: the output contract, the implicit verifier it saves,
+a resume that continues exactly, a kill -9 mid-run, --compare, and torchrun with 2 processes on CPU."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import prime as P
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_step0_prm_equals_reference():
+    """PRM = reference: every q_t is exactly 0, the PRM loss is ln 2 (PRIME's step-1 log: 0.691), and the
+    process rewards add nothing to the advantages."""
+    lp = torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float)
+    q = P.process_rewards(lp, lp.clone(), mask)
+    assert torch.equal(q, torch.zeros_like(q))
+    outcome = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert P.prm_loss(q, mask, outcome, 0.05).item() == pytest.approx(math.log(2), abs=1e-7)
+    p = P.normalize_process_rewards(q, mask)
+    assert torch.equal(p, torch.zeros_like(p))
+    with_p, _ = P.rloo_returns(outcome, p, mask, 2)
+    without, _ = P.rloo_returns(outcome, torch.zeros_like(p), mask, 2)
+    assert torch.equal(with_p, without)
+
+
+def test_outcome_rloo_and_whitening_by_hand():
+    # k = 2: outcome [1, 0] -> leave-one-out 1 - 0 = +1 and 0 - 1 = -1 on each row's last token, gamma 1:
+    # returns [1, 1, 0] and [-1, -1, -1]; whitening over the 5 valid tokens: mean -0.2, unbiased var 1.2
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float)
+    adv, ret = P.rloo_returns(torch.tensor([1.0, 0.0]), torch.zeros(2, 3), mask, 2)
+    assert ret.tolist() == [[1.0, 1.0, 0.0], [-1.0, -1.0, -1.0]]
+    s = math.sqrt(1.2 + 1e-8)
+    want = [[1.2 / s, 1.2 / s, 0.0], [-0.8 / s, -0.8 / s, -0.8 / s]]
+    assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
+
+
+def test_process_rloo_in_the_codes_form_by_hand():
+    # rows p0 = [0.2, 0.4], p1 = [0.6, 0.0]: token means 0.3, 0.3; baseline (0.3 + 0.3)/(k-1) = 0.6;
+    # each token p * k/(k-1) - 0.6 -> [-0.2, 0.2], [0.6, -0.6]; returns (reverse cumsum) [0.0, 0.2], [0.0, -0.6]
+    mask = torch.ones(2, 2)
+    p = torch.tensor([[0.2, 0.4], [0.6, 0.0]])
+    _, ret = P.rloo_returns(torch.zeros(2), p, mask, 2)  # outcome 0 for both: its leave-one-out term is 0
+    assert torch.allclose(ret, torch.tensor([[0.0, 0.2], [0.0, -0.6]]), atol=1e-6)
+    _, ret = P.rloo_returns(torch.zeros(2), p, mask, 2, gamma=0.5)  # discounted: r_0 + 0.5 r_1
+    assert torch.allclose(ret[:, 0], torch.tensor([-0.2 + 0.1, 0.6 - 0.3]), atol=1e-6)
+
+
+def test_return_to_go_normalisation_by_hand():
+    q = torch.tensor([[1.0, -3.0, 1.0], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # return-to-go row 0: [-1, -2, 1], row 1: [0.5]; the largest |.| is 2
+    assert torch.allclose(P.normalize_process_rewards(q, mask), q / (2 + 1e-6))
+
+
+def test_ppo_clip_by_hand():
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, clipped = P.ppo_loss(torch.zeros(1, 2), old, adv, mask, 0.2)  # ratio 1: -mean(A) = 0
+    assert loss.item() == pytest.approx(0.0) and clipped.item() == 0.0
+    lp = torch.log(torch.tensor([[1.5, 1.5]]))  # ratio 1.5: min(1.5 A, 1.2 A) -> 1.2 for A = 1, -1.5 for A = -1
+    loss, clipped = P.ppo_loss(lp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1.2 - 1.5) / 2) and clipped.item() == 1.0
+
+
+def test_filter_and_pairwise_accuracy():
+    acc = [1, 1, 1, 0] + [1, 1, 1, 1] + [0, 0, 0, 0] + [1, 0, 0, 0]
+    assert P.group_filter(acc, 4, 0.2, 0.8) == [True, False, False, True]
+    assert P.group_filter([1, 0, 0, 0, 0], 5, 0.2, 0.8) == [True]  # the bounds are inclusive
+    assert P.pairwise_accuracy(torch.tensor([0.9, 0.1, 0.8, 0.7]), torch.tensor([1.0, 0.0, 0.0, 1.0]), 2) == 0.5  # 2nd pair misordered
+    curve = [(10, 0.1), (20, 0.3), (30, 0.5)]
+    assert P.rollouts_to_reach(curve, 0.3) == 20 and P.rollouts_to_reach(curve, 0.9) is None
+
+
+TINY = ["--steps", "3", "--prompts_per_step", "4", "--eval_problems", "4", "--eval_every", "2", "--max_new_tokens", "40",
+        "--filter_low", "0", "--filter_high", "1", "--micro_batch", "8"]
+
+
+def _run(args, torchrun=False, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    r = subprocess.run(cmd + ["prime.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _metrics(d):
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_contract_and_resume(tiny_toy_dir, tmp_path):
+    a = tmp_path / "a"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(a)] + TINY)
+    res = json.loads((a / "results.json").read_text())
+    for k in ("sft/greedy_acc", "sft/sample_acc", "final/greedy_acc", "final/sample_acc"):
+        assert 0 <= res[k] <= 1, k
+    rows = _metrics(a)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for k in ("train/reward", "rollout/filtered_frac", "train/prm_loss", "train/prm_pairwise_acc", "train/adv_mean",
+              "train/return_std", "time/rollout", "time/prm", "time/policy", "time/weight_sync", "tokens_per_s"):
+        assert all(k in r and r[k] == r[k] for r in rows), k  # present and not NaN (pairwise may be NaN: skip)
+    assert abs(rows[0]["train/prm_loss"] - math.log(2)) < 0.05  # the first update starts from PRM = reference
+    from utils.verifiers import load_verifier
+    meta = json.loads((a / "prm" / "verifier.json").read_text())
+    assert meta["kind"] == "implicit" and meta["beta"] == 0.05
+    v = load_verifier(str(a / "prm"), device="cpu")
+    s = v.score(["Ana has 3 apples. Ana buys 2 more. How many apples does Ana have now?"],
+                [["Ana buys 2 more, so 3 + 2 = 5.", "The answer is \\boxed{5}."]])[0]
+    assert len(s) == 2 and all(0 < x < 1 for x in s) and s != [0.5, 0.5]  # trained: not the reference any more
+    # stop after 1 step, resume to 3: the same steps, the same numbers, the same final policy
+    b = tmp_path / "b"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(b), "--steps", "1"] + TINY[2:])  # (evaluates at its last step)
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(b), "--resume"] + TINY)
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "tokens_per_s", "eval/"))}  # noqa: E731
+    assert [strip(r) for r in _metrics(b)] == [strip(r) for r in rows]
+    from safetensors.torch import load_file
+    wa, wb = load_file(a / "policy" / "model.safetensors"), load_file(b / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_9_mid_run_then_resume(tiny_toy_dir, tmp_path):
+    out = tmp_path / "kill"
+    cmd = [sys.executable, "prime.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out)] + TINY[2:] + ["--steps", "8"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t = time.time()
+    while time.time() - t < 300 and not ((out / "metrics.jsonl").exists() and len(_metrics(out)) >= 2):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len(_metrics(out))
+    assert 2 <= done < 8, done
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--resume"] + TINY[2:] + ["--steps", "8"])
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 9))  # each step once, none lost past the one in flight
+
+
+def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
+    out = tmp_path / "cmp"
+    r = _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--compare", "--seeds", "0"] + TINY[2:]
+             + ["--steps", "2"])
+    res = json.loads((out / "results.json").read_text())
+    for m in ("prime", "rloo", "frozen_prm"):
+        assert 0 <= res[f"{m}/final/greedy_acc"] <= 1 and 0 <= res[f"{m}/final/sample_acc"] <= 1
+        assert f"{m}/rollouts_to_rloo_final_reward" in res
+    assert "sft/greedy_acc" in res and res["prime_cost_per_step_vs_rloo"] > 0 and "| prime |" in r.stdout
+    rloo = _metrics(out / "rloo_seed0")
+    assert all(r["train/process_return_abs"] == 0 for r in rloo)  # outcome-only: no process reward
+
+
+def test_torchrun_two_processes(tiny_toy_dir, tmp_path):
+    out = tmp_path / "ddp"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out)] + TINY[2:] + ["--steps", "2"], torchrun=True)
+    one = tmp_path / "one"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(one)] + TINY[2:] + ["--steps", "2"])
+    assert set(_metrics(out)[-1]) == set(_metrics(one)[-1])  # the same metrics keys as one process
+    assert json.loads((out / "results.json").read_text()).keys() == json.loads((one / "results.json").read_text()).keys()
