@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data import build_prompt, load_problems, read_jsonl
-from utils.generation import load_backend
+from utils.generation import load_backend, vllm_available
 from utils.grader import grade
 from utils.train import MetricsLog, run_main, seed_all, setup_dist, unwrap, write_json
 
@@ -422,9 +422,10 @@ def main(args: Args) -> dict:
     if dist.on:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
         prm = torch.nn.parallel.DistributedDataParallel(prm)
-    backend = "hf" if args.backend == "auto" and not torch.cuda.is_available() else args.backend
-    gen = load_backend(args.model, backend=backend, model=unwrap(policy), tokenizer=tok) if backend != "vllm" else \
-        load_backend(args.model, backend="vllm")
+    backend = args.backend if args.backend != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+    # HF samples with the policy module itself; vLLM gets the weights pushed after every update
+    gen = load_backend(args.model, backend="hf", model=unwrap(policy), tokenizer=tok, device=dev) if backend == "hf" \
+        else load_backend(args.model, backend=backend)
     log = MetricsLog(out, enabled=dist.main)
     if dist.main and "sft/greedy_acc" not in results and test:
         results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})

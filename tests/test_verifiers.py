@@ -79,6 +79,33 @@ def test_oracle_scores_steps_before_the_first_error():
     assert seen == {True, False} and o.tokens == 0
 
 
+def test_implicit_kind_reads_the_cumulative_log_ratio(tiny_model_dir, tmp_path):
+    """Kind implicit: sigma(beta * sum of log pi/pi_ref over the response up to each step's tag). With the
+    PRM equal to its reference every score is exactly 0.5; otherwise it matches the sum written out here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d = tmp_path / "implicit"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for path in (d, d / "reference"):
+        ref.save_pretrained(path)
+        tok.save_pretrained(path)
+    (d / "verifier.json").write_text(json.dumps({"kind": "implicit", "beta": 0.5, "reference": "reference"}))
+    problem, steps = "Ann has 3 apples.", ["3 + 2 = 5", "The answer is \\boxed{5}."]
+    assert V.load_verifier(str(d), device="cpu").score([problem], [steps])[0] == [0.5, 0.5]
+    phi = _tiny_base(len(tok), seed=4)
+    phi.save_pretrained(d)
+    v = V.load_verifier(str(d), device="cpu")
+    got = v.score([problem], [steps])[0]
+    ids, tags = V.encode(tok, problem, steps, V.PRM_DEFAULTS)
+    start = len(tok.encode(build_prompt(problem), add_special_tokens=False))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lr = [torch.log_softmax(m(input_ids=x).logits[0, :-1], -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+              for m in (phi, ref)]
+    want = [torch.sigmoid(0.5 * (lr[0] - lr[1])[start - 1: t].sum()).item() for t in tags]
+    assert got == pytest.approx(want, abs=1e-5) and abs(got[0] - 0.5) > 1e-3
+
+
 # ----------------------------------------------------------------------------- public formats
 def _tiny_base(vocab: int, seed: int):
     return toy.tiny_qwen2(vocab, hidden=64, layers=2, heads=2, seed=seed, init_std=0.2, max_len=512)
