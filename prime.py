@@ -251,6 +251,10 @@ def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, s
                          "rollout/rollouts": n_rollouts, "rollout/carried": len(buffer)}
 
 
+def _micro(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
 def _order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -264,12 +268,12 @@ def _all_reduce(x: torch.Tensor, op, dist) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one RL step
-def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, dist) -> dict:
+def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, dist, step: int = 0) -> dict:
     """PRM update (rewards from the same forward), advantages, PPO update. Returns the step's metrics."""
     dev, pad, k = dist.device, tok.pad_token_id or 0, args.k
     batch = {"prompts": [g["prompt"] for g in groups for _ in g["responses"]],
              "responses": [r for g in groups for r in g["responses"]]}
-    batch["T"] = max(1, max(len(r) for r in batch["responses"]))
+    batch["T"], batch["pad"] = max(1, max(len(r) for r in batch["responses"])), pad
     B = len(batch["responses"])
     outcome = torch.tensor([a for g in groups for a in g["acc"]], device=dev)  # (B,)
     mask = torch.zeros((B, batch["T"]), device=dev)  # (B, T)
@@ -279,28 +283,47 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     m = {}
     t = time.time()
     # 1. implicit PRM: q from the forward that is backpropagated ("single forward"); groups stay whole
-    with torch.no_grad():
-        ref_lp = logprobs_chunked(ref, batch, rows, args.micro_batch, pad, dev)
-    q = torch.zeros((B, batch["T"]), device=dev)
+    if not args.process_rewards:  # outcome-only RLOO: no PRM at all
+        return _policy_step(policy, popt, batch, outcome, torch.zeros((B, batch["T"]), device=dev), mask, args, dist,
+                            step, m)
+    q, ref_lp = torch.zeros((B, batch["T"]), device=dev), torch.zeros((B, batch["T"]), device=dev)
+    # NOTE: the reference runs on exactly the PRM's micro-batches: PRM = reference then gives q = 0 to the bit
+    # (other batch shapes leave ~1e-7 of float noise, which the max-|return| normalisation would blow up)
     losses = []
     size = k * math.ceil(B / k / args.mini_batches)  # mini-batches in order, whole groups (the PRM's own batching)
     for mb in [rows[i: i + size] for i in range(0, B, size)]:
-        lp = logprobs_chunked(prm, batch, mb, args.micro_batch, pad, dev, grad=args.prm_update)
-        q_mb = process_rewards(lp, ref_lp[mb], mask[mb])
-        loss = prm_loss(q_mb, mask[mb], outcome[mb], args.beta)
+        ropt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
+            with torch.no_grad():
+                ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
+            with torch.set_grad_enabled(args.prm_update):
+                lp = logprobs_chunked(prm, batch, micro, len(micro), pad, dev, grad=args.prm_update)
+                q_micro = process_rewards(lp, ref_lp[micro], mask[micro])
+                part = prm_loss(q_micro, mask[micro], outcome[micro], args.beta) * len(micro) / len(mb)
+            if args.prm_update:
+                part.backward()
+            q[micro] = q_micro.detach()  # the process rewards come from this same forward
+            loss += part.item()
         if args.prm_update:
-            ropt.zero_grad(set_to_none=True)
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip)
             ropt.step()
-        q[mb] = q_mb.detach()
-        losses.append(loss.item())
-    if args.rescore:  # double forward: rewards from the updated PRM
+        losses.append(loss)
+    if args.rescore:  # double forward: rewards from the updated PRM, on the same micro-batches
         with torch.no_grad():
-            q = process_rewards(logprobs_chunked(prm, batch, rows, args.micro_batch, pad, dev), ref_lp, mask)
+            for micro in _micro(rows, args.micro_batch):
+                ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
+                q[micro] = process_rewards(logprobs_chunked(prm, batch, micro, len(micro), pad, dev), ref_lp[micro],
+                                           mask[micro])
     seq = args.beta * q.sum(-1)
     m.update({"train/prm_loss": sum(losses) / len(losses), "train/prm_pairwise_acc": pairwise_accuracy(seq, outcome, k)})
     m["time/prm"] = time.time() - t
+    return _policy_step(policy, popt, batch, outcome, q, mask, args, dist, step, m)
+
+
+def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, step: int, m: dict) -> dict:
+    """Advantages from the outcome and the process rewards q, then the PPO update."""
+    dev, pad, k, rows = dist.device, batch["pad"], args.k, list(range(len(batch["responses"])))
     # 2. advantages: normalised process rewards + outcome, RLOO each, summed, whitened (per rank: deviation 2)
     t = time.time()
     if args.process_rewards:
@@ -313,11 +336,13 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     stats = None
     if args.global_stats and dist.on:
         _, ret = rloo_returns(outcome, p, mask, k, args.gamma)
-        s = _all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]), torch.distributed.ReduceOp.SUM, dist)
+        s = _all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]),
+                        torch.distributed.ReduceOp.SUM, dist)
         mean = s[0] / s[2]
         stats = (mean, (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1))
     adv, ret = rloo_returns(outcome, p, mask, k, args.gamma, stats)
-    m.update({"train/outcome_acc": outcome.mean().item(), "train/process_return_abs": (p.flip(-1).cumsum(-1).abs() * mask).sum().item() / mask.sum().item(),
+    m.update({"train/outcome_acc": outcome.mean().item(),
+              "train/process_return_abs": (p.flip(-1).cumsum(-1).abs() * mask).sum().item() / mask.sum().item(),
               "train/adv_mean": ((adv * mask).sum() / mask.sum()).item(), "train/return_std": ret[mask.bool()].std().item()})
     # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
     with torch.no_grad():
@@ -325,19 +350,22 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     clip_fracs, plosses = [], []
     for _ in range(args.ppo_epochs):
         order = rows[:]
-        random.Random(args.seed + len(plosses)).shuffle(order)
+        random.Random(args.seed * 7919 + step * 31 + len(plosses)).shuffle(order)  # a new order every step
         for i in range(args.mini_batches):
             mb = order[i::args.mini_batches]
             if not mb:
                 continue
-            lp = logprobs_chunked(policy, batch, mb, args.micro_batch, pad, dev, grad=True)
-            loss, cf = ppo_loss(lp, old[mb], adv[mb], mask[mb], args.clip_eps)
             popt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = cf = 0.0
+            for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
+                lp = logprobs_chunked(policy, batch, micro, len(micro), pad, dev, grad=True)
+                part, c = ppo_loss(lp, old[micro], adv[micro], mask[micro], args.clip_eps)
+                (part * len(micro) / len(mb)).backward()
+                loss, cf = loss + part.item() * len(micro) / len(mb), cf + c.item() * len(micro) / len(mb)
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
             popt.step()
-            plosses.append(loss.item())
-            clip_fracs.append(cf.item())
+            plosses.append(loss)
+            clip_fracs.append(cf)
     m.update({"train/policy_loss": sum(plosses) / len(plosses), "train/clip_frac": sum(clip_fracs) / len(clip_fracs),
               "time/policy": time.time() - t, "train/tokens": int(mask.sum().item())})
     return m
@@ -444,7 +472,7 @@ def main(args: Args) -> dict:
         rollouts += int(_all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
         if n:
             unwrap(policy).train()
-            m.update(rl_step(policy, prm, ref, popt, ropt, groups[:n], args, tok, dist))
+            m.update(rl_step(policy, prm, ref, popt, ropt, groups[:n], args, tok, dist, step))
         t = time.time()
         if gen.name == "vllm":
             gen.update_weights(unwrap(policy))
@@ -498,9 +526,10 @@ def compare(args: Args) -> dict:
             d = out / f"{name}_seed{s}"
             r = main(replace(args, compare=False, seed=s, out_dir=str(d), resume=True, **over))
             rows = read_jsonl(d / "metrics.jsonl")
-            curves[name, s] = {"rollouts": [x["rollouts"] for x in rows], "reward": smooth([x["train/reward"] for x in rows]),
-                               "step_s": [sum(v for k, v in x.items() if k.startswith("time/")) for x in rows], "r": r,
-                               "eval": [(x["rollouts"], x["eval/greedy_acc"], x["eval/sample_acc"]) for x in rows if "eval/greedy_acc" in x]}
+            curves[name, s] = {
+                "rollouts": [x["rollouts"] for x in rows], "reward": smooth([x["train/reward"] for x in rows]), "r": r,
+                "step_s": [sum(v for k, v in x.items() if k.startswith("time/")) for x in rows],
+                "eval": [(x["rollouts"], x["eval/greedy_acc"], x["eval/sample_acc"]) for x in rows if "eval/greedy_acc" in x]}
     target = sum(curves["rloo", s]["reward"][-1] for s in seeds) / len(seeds)
     table = ["| method | final smoothed reward | final greedy | final T=1 | rollouts to RLOO's final reward | s/step |",
              "|---|---|---|---|---|---|"]

@@ -152,8 +152,11 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
         assert 0 <= res[f"{m}/final/greedy_acc"] <= 1 and 0 <= res[f"{m}/final/sample_acc"] <= 1
         assert f"{m}/rollouts_to_rloo_final_reward" in res
     assert "sft/greedy_acc" in res and res["prime_cost_per_step_vs_rloo"] > 0 and "| prime |" in r.stdout
-    rloo = _metrics(out / "rloo_seed0")
+    rloo, frozen = _metrics(out / "rloo_seed0"), _metrics(out / "frozen_prm_seed0")
     assert all(r["train/process_return_abs"] == 0 for r in rloo)  # outcome-only: no process reward
+    assert all("train/prm_loss" not in r for r in rloo)  # ... and no PRM work at all
+    # a frozen PRM that is still the reference gives q = 0 to the bit (no float noise blown up by the normalisation)
+    assert all(r["train/process_return_abs"] == 0 and r["train/prm_loss"] == pytest.approx(math.log(2)) for r in frozen)
 
 
 def test_torchrun_two_processes(tiny_toy_dir, tmp_path):
