@@ -18,7 +18,8 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
      uses the whole batch's statistics instead.
   3. The micro-batch is --micro_batch sequences with a token-mean per sequence, then a mean over sequences
      (the original's 1 sequence per GPU micro-batch gives the same sequence-mean of token-means).
-  4. DDP, not FSDP, wraps the policy and the PRM (small models; the loop is the same).
+  4. Under torchrun, --shard fsdp (FSDP2, fully_shard per decoder layer, the default for real models) or ddp
+     (the toy's) stands in for verl's FSDP workers; the PRM and the reference are sharded like the policy.
   5. If the filter cannot fill a batch in --max_rounds sampling rounds, the step goes on with what passed
      (the original samples until it fills).
 
@@ -28,6 +29,7 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.data import build_prompt, load_problems, read_jsonl
+from utils.data import build_prompt, load_problems, read_jsonl, split_steps
 from utils.generation import load_backend, vllm_available
 from utils.grader import grade
 from utils.train import MetricsLog, run_main, seed_all, setup_dist, unwrap, write_json
@@ -64,7 +66,9 @@ class Args:
     filter_low: float = field(default=0.2, metadata={"help": "keep prompts with mean accuracy >= this (paper: 0.2)"})
     filter_high: float = field(default=0.8, metadata={"help": "... and <= this (paper: 0.8)"})
     max_rounds: int = field(default=8, metadata={"help": "sampling rounds per step to fill the batch (deviation 5)"})
-    backend: str = field(default="auto", metadata={"help": "rollouts: auto | vllm | hf"})
+    backend: str = field(default="auto", metadata={"help": "rollouts: auto (vLLM on GPU when installed, else HF) | vllm | hf"})
+    vllm_memory: float = field(default=0.4, metadata={"help": "vLLM gpu_memory_utilization per rank, beside training "
+                                                              "(the code: 0.7, with the trainer's states offloaded)"})
     # implicit PRM
     beta: float = field(default=0.05, metadata={"help": "beta of the PRM loss (paper: 0.05)"})
     prm_lr: float = field(default=1e-6, metadata={"help": "PRM AdamW lr, constant (code: 1e-6)"})
@@ -73,6 +77,10 @@ class Args:
     prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
     rescore: bool = field(default=False, metadata={"help": "take process rewards from a second forward after the PRM "
                                                            "update (paper B.2 'double forward'; default single)"})
+    prm_epochs: int = field(default=1, metadata={"help": "PRM passes over each batch (code: 1); the rewards come "
+                                                        "from the first pass's forward"})
+    prm_warmup: int = field(default=0, metadata={"help": "RL steps that train the PRM but leave its rewards out of the "
+                                                        "advantages (code: 0)"})
     # policy
     lr: float = field(default=5e-7, metadata={"help": "policy AdamW lr, constant (paper: 5e-7)"})
     weight_decay: float = field(default=0.01, metadata={"help": "policy AdamW weight decay (verl default 0.01)"})
@@ -83,7 +91,8 @@ class Args:
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward (memory; deviation 3)"})
     gamma: float = field(default=1.0, metadata={"help": "discount of both returns (paper: 1.0)"})
     global_stats: bool = field(default=False, metadata={"help": "torchrun: normalise and whiten over all ranks (deviation 2)"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on GPU"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 compute on GPU, fp32 master weights (as the code)"})
+    shard: str = field(default="fsdp", metadata={"help": "torchrun: fsdp (FSDP2 over policy, PRM, reference) | ddp"})
     # run
     steps: int = field(default=592, metadata={"help": "RL steps (paper: 592)"})
     eval_every: int = field(default=16, metadata={"help": "test accuracy every N steps (paper: 16)"})
@@ -97,7 +106,7 @@ class Args:
 
 # Toy scale (the 0.28M-parameter toy policy on 2 CPU cores), applied when --model is empty.
 TOY = dict(prompts_per_step=32, max_new_tokens=160, backend="hf", prm_lr=6e-4, lr=3e-4, weight_decay=0.0,
-           steps=60, eval_every=10, save_every=1, eval_problems=200, micro_batch=64)
+           steps=60, eval_every=10, save_every=1, eval_problems=200, micro_batch=64, shard="ddp")
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -215,9 +224,11 @@ def logprobs_chunked(model, batch: dict, idx: list[int], micro: int, pad: int, d
     return torch.cat(out)
 
 
-def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, step: int, tok, dist) -> tuple:
+def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, step: int, tok, dist,
+            logprobs: bool = False) -> tuple:
     """Fill the step's batch: take carried-over groups first, then sample K rollouts for fresh prompts until
-    prompts_per_step groups (this rank's share) pass the filter; the surplus is carried over."""
+    prompts_per_step groups (this rank's share) pass the filter; the surplus is carried over. `logprobs`: keep
+    the generator's logprob of each sampled token (to check that its weights are the policy's)."""
     want = max(1, args.prompts_per_step // dist.world)
     kept, seen, rounds, n_rollouts, right, passed = list(buffer), 0, 0, 0, 0.0, 0
     buffer.clear()
@@ -234,11 +245,13 @@ def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, s
                 take.append(problems[j])
         prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in take]
         outs = gen.sample(prompts, n=args.k, temperature=args.temperature, max_tokens=args.max_new_tokens,
-                          seed=args.seed * 100003 + step * 1009 + rounds * 7 + dist.rank, logprobs=False)
+                          seed=args.seed * 100003 + step * 1009 + rounds * 7 + dist.rank, logprobs=logprobs)
         for p, pr, o in zip(take, prompts, outs):
             acc = [float(grade(s.text, str(p["answer"]))) for s in o]
             right += sum(acc)
             group = {"prompt": pr, "responses": [list(s.token_ids) for s in o], "acc": acc}
+            if logprobs:
+                group["gen_logp"] = [list(s.logprobs or []) for s in o]
             if group_filter(acc, args.k, args.filter_low, args.filter_high)[0]:
                 kept.append(group)
                 passed += 1
@@ -274,6 +287,9 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     batch = {"prompts": [g["prompt"] for g in groups for _ in g["responses"]],
              "responses": [r for g in groups for r in g["responses"]]}
     batch["T"], batch["pad"] = max(1, max(len(r) for r in batch["responses"])), pad
+    if all("gen_logp" in g for g in groups):
+        batch["gen_logp"] = torch.tensor([lp + [0.0] * (batch["T"] - len(lp)) for g in groups for lp in g["gen_logp"]],
+                                         device=dev)  # (B, T)
     B = len(batch["responses"])
     outcome = torch.tensor([a for g in groups for a in g["acc"]], device=dev)  # (B,)
     mask = torch.zeros((B, batch["T"]), device=dev)  # (B, T)
@@ -291,24 +307,28 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     # (other batch shapes leave ~1e-7 of float noise, which the max-|return| normalisation would blow up)
     losses = []
     size = k * math.ceil(B / k / args.mini_batches)  # mini-batches in order, whole groups (the PRM's own batching)
-    for mb in [rows[i: i + size] for i in range(0, B, size)]:
+    mbs = [rows[i: i + size] for i in range(0, B, size)]
+    for epoch, mb in [(e, mb) for e in range(args.prm_epochs if args.prm_update else 1) for mb in mbs]:
         ropt.zero_grad(set_to_none=True)
         loss = 0.0
         for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
-            with torch.no_grad():
-                ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
+            if epoch == 0:
+                with torch.no_grad():
+                    ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
             with torch.set_grad_enabled(args.prm_update):
                 lp = logprobs_chunked(prm, batch, micro, len(micro), pad, dev, grad=args.prm_update)
                 q_micro = process_rewards(lp, ref_lp[micro], mask[micro])
                 part = prm_loss(q_micro, mask[micro], outcome[micro], args.beta) * len(micro) / len(mb)
             if args.prm_update:
                 part.backward()
-            q[micro] = q_micro.detach()  # the process rewards come from this same forward
+            if epoch == 0:
+                q[micro] = q_micro.detach()  # the process rewards come from this same forward
             loss += part.item()
         if args.prm_update:
             torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip)
             ropt.step()
-        losses.append(loss)
+        if epoch == 0:
+            losses.append(loss)  # the loss on the batch as it arrives, before the PRM has fitted it
     if args.rescore:  # double forward: rewards from the updated PRM, on the same micro-batches
         with torch.no_grad():
             for micro in _micro(rows, args.micro_batch):
@@ -326,7 +346,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
     dev, pad, k, rows = dist.device, batch["pad"], args.k, list(range(len(batch["responses"])))
     # 2. advantages: normalised process rewards + outcome, RLOO each, summed, whitened (per rank: deviation 2)
     t = time.time()
-    if args.process_rewards:
+    if args.process_rewards and step >= args.prm_warmup:
         rtg = (q * mask).flip(-1).cumsum(-1).flip(-1)
         mx = _all_reduce((rtg.abs() * mask).max().reshape(1), torch.distributed.ReduceOp.MAX, dist)[0] \
             if args.global_stats else None
@@ -347,6 +367,8 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
     # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
     with torch.no_grad():
         old = logprobs_chunked(policy, batch, rows, args.micro_batch, pad, dev)
+    if "gen_logp" in batch:  # the generator's own weights (vLLM, FSDP's HF copy) vs the trained policy's
+        m["rollout/logprob_diff"] = (((old - batch["gen_logp"]).abs() * mask).sum() / mask.sum()).item()
     clip_fracs, plosses = [], []
     for _ in range(args.ppo_epochs):
         order = rows[:]
@@ -373,32 +395,85 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
 
 # ----------------------------------------------------------------------------- evaluation, checkpoints
 def evaluate(gen, problems: list[dict], args: Args, tok, n_samples: int = 4) -> dict:
-    """Test accuracy: greedy, and per sample at T = 1 (n_samples per problem)."""
+    """Test accuracy: greedy, and per sample at T = 1 (n_samples per problem). On toy problems also the
+    greedy accuracy by number of operations and, greedy and sampled, how many solutions first go wrong by
+    each error kind (utils.toy.first_error_kind: misread, slip, skip, operand, other-op, other)."""
     prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in problems]
     greedy = gen.sample(prompts, n=1, temperature=0.0, max_tokens=args.max_new_tokens, logprobs=False)
     sampled = gen.sample(prompts, n=n_samples, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 7,
                          logprobs=False)
     g = [grade(o[0].text, str(p["answer"])) for p, o in zip(problems, greedy)]
     s = [grade(c.text, str(p["answer"])) for p, o in zip(problems, sampled) for c in o]
-    return {"greedy_acc": sum(g) / len(g), "sample_acc": sum(s) / len(s)}
+    res = {"greedy_acc": sum(g) / len(g), "sample_acc": sum(s) / len(s)}
+    if all("ops" in p for p in problems):  # the toy world: its exact checker
+        from utils.toy import first_error_kind
+        by_ops: dict = {}
+        for p, ok in zip(problems, g):
+            by_ops.setdefault(str(len(p["ops"])), []).append(ok)
+        res["greedy_acc_by_ops"] = {n: sum(v) / len(v) for n, v in sorted(by_ops.items())}
+        for name, outs in (("greedy", greedy), ("sample", sampled)):
+            kinds = [first_error_kind(p["problem"], split_steps(c.text) or [c.text]) for p, o in zip(problems, outs)
+                     for c in o]
+            res[f"{name}_first_errors"] = {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds)) if k != "none"}
+    return res
 
 
-def save_state(out: Path, step: int, policy, prm, popt, ropt, cursor: dict, buffer: list, extra: dict) -> None:
-    """out/checkpoint/state.pt, replaced atomically: a kill at any moment leaves the previous one whole."""
+def full_state(model, opt=None, fsdp: bool = False) -> tuple[dict, dict | None]:
+    """Whole (unsharded) state dicts of a model and its optimizer; under FSDP a collective every rank calls."""
+    if not fsdp:
+        return unwrap(model).state_dict(), opt.state_dict() if opt is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets the tensors, the others {}
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o) if opt else None
+
+
+def save_state(out: Path, step: int, policy, prm, popt, ropt, cursor: dict, buffer: list, extra: dict, dist,
+               fsdp: bool = False) -> None:
+    """out/checkpoint/state.pt, written by rank 0 and replaced atomically: a kill at any moment leaves the
+    previous one whole. Every rank calls it (FSDP gathers the shards)."""
+    (pol, popt_sd), (rm, ropt_sd) = full_state(policy, popt, fsdp), full_state(prm, ropt, fsdp)
+    if not dist.main:
+        return
     d = out / "checkpoint"
     d.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "policy": unwrap(policy).state_dict(), "prm": unwrap(prm).state_dict(),
-                "popt": popt.state_dict(), "ropt": ropt.state_dict(), "cursor": cursor, "buffer": buffer,
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, **extra}, d / "state.pt.tmp")
+    torch.save({"step": step, "policy": pol, "prm": rm, "popt": popt_sd, "ropt": ropt_sd, "cursor": cursor,
+                "buffer": buffer, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, **extra},
+               d / "state.pt.tmp")
     os.replace(d / "state.pt.tmp", d / "state.pt")
 
 
-def save_verifier(out: Path, prm, ref, tok, args: Args) -> Path:
-    """The trained implicit PRM as a verifier dir (kind `implicit`), its reference inside it."""
+def load_optimizer(model, opt, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def wrap(model, args: Args, dist, train: bool = True):
+    """DDP, or FSDP2 with one shard unit per decoder layer plus the root (bf16 params, fp32 reductions)."""
+    if not dist.on:
+        return model
+    if args.shard == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model) if train else model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if _bf16(args, dist) \
+        else MixedPrecisionPolicy()
+    for layer in getattr(getattr(model, "model", None), "layers", []):  # HF decoder layers
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def _bf16(args: Args, dist) -> bool:
+    return args.bf16 and dist.device.type == "cuda"
+
+
+def save_verifier(out: Path, prm, ref, tok, args: Args, states: tuple[dict, dict]) -> Path:
+    """The trained implicit PRM as a verifier dir (kind `implicit`), its reference inside it; `states` are
+    their whole state dicts (full_state)."""
     d = out / "prm"
-    unwrap(prm).save_pretrained(d)
+    unwrap(prm).save_pretrained(d, state_dict=states[0])
     tok.save_pretrained(d)
-    ref.save_pretrained(d / "reference")
+    unwrap(ref).save_pretrained(d / "reference", state_dict=states[1])
     write_json(d / "verifier.json", {"kind": "implicit", "beta": args.beta, "reference": "reference",
                                      "chat": args.chat, "step_tag": "\n\n"})
     return d
@@ -426,37 +501,50 @@ def main(args: Args) -> dict:
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(args))
-    dev = dist.device
-    dtype = torch.bfloat16 if args.bf16 and dev.type == "cuda" else torch.float32
+    dev, fsdp = dist.device, dist.on and args.shard == "fsdp"
+    if args.shard not in ("fsdp", "ddp"):
+        raise ValueError(f"--shard must be fsdp or ddp, not {args.shard!r}")
     tok = AutoTokenizer.from_pretrained(args.model)
-    policy, prm, ref = (AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev) for _ in range(3))
-    ref.requires_grad_(False).eval()
-    popt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ropt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=0.0)
-    cursor, buffer, start, results = {"epoch": 0, "pos": 0, "order": _order(len(problems), args.seed)}, [], 0, {}
+    cursor, buffer, start, results, st = {"epoch": 0, "pos": 0, "order": _order(len(problems), args.seed)}, [], 0, {}, None
     ckpt = out / "checkpoint" / "state.pt"
     if args.resume and ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        policy.load_state_dict(st["policy"])
-        prm.load_state_dict(st["prm"])
-        popt.load_state_dict(st["popt"])
-        ropt.load_state_dict(st["ropt"])
         cursor, buffer, start, results = st["cursor"], st["buffer"], st["step"], st["results"]
         random.setstate(st["rng"]["python"])
         torch.set_rng_state(st["rng"]["torch"])
         if dist.main and (out / "metrics.jsonl").exists():  # drop rows logged after the checkpoint
             rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if dist.on:
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
-        prm = torch.nn.parallel.DistributedDataParallel(prm)
+    models = []
+    for name in ("policy", "prm", "reference"):  # one at a time: a rank holds one whole model at most
+        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
+        if st is not None and name in st:
+            m.load_state_dict(st[name])
+        if name == "reference":
+            m.requires_grad_(False).eval()
+        models.append(wrap(m if fsdp else m.to(dev), args, dist, train=name != "reference"))
+    policy, prm, ref = models  # FSDP moves each rank's shards to its device itself
     backend = args.backend if args.backend != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
-    # HF samples with the policy module itself; vLLM gets the weights pushed after every update
-    gen = load_backend(args.model, backend="hf", model=unwrap(policy), tokenizer=tok, device=dev) if backend == "hf" \
-        else load_backend(args.model, backend=backend)
+    if backend == "vllm":  # its own copy of the weights, pushed after every update
+        gen = load_backend(args.model, backend="vllm", gpu_memory_utilization=args.vllm_memory)
+    elif fsdp:  # an unsharded HF copy on each rank, synced like vLLM's
+        gen = load_backend(args.model, backend="hf", tokenizer=tok, device=dev)
+    else:  # HF samples with the policy module itself: nothing to sync
+        gen = load_backend(args.model, backend="hf", model=unwrap(policy), tokenizer=tok, device=dev)
+    own_copy = backend == "vllm" or fsdp  # the generator holds its own weights, synced after every update
+    if start and own_copy:  # a resumed policy into the generator's copy
+        gen.update_weights(unwrap(policy))
+    popt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ropt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=0.0)
+    if st is not None:
+        load_optimizer(policy, popt, st["popt"], fsdp)
+        load_optimizer(prm, ropt, st["ropt"], fsdp)
+        del st
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if _bf16(args, dist) and not fsdp else contextlib.nullcontext
     log = MetricsLog(out, enabled=dist.main)
     if dist.main and "sft/greedy_acc" not in results and test:
-        results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+        with amp():
+            results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
         print(f"SFT policy: greedy {100 * results['sft/greedy_acc']:.1f}%, T=1 {100 * results['sft/sample_acc']:.1f}%")
     rollouts = results.get("rollouts", 0)
     bar = tqdm(range(start, args.steps), desc="PRIME" if args.process_rewards else "RLOO", disable=not dist.main,
@@ -464,7 +552,8 @@ def main(args: Args) -> dict:
     for step in bar:
         t = time.time()
         unwrap(policy).eval()
-        groups, m = collect(gen, problems, cursor, buffer, args, step, tok, dist)
+        with amp():
+            groups, m = collect(gen, problems, cursor, buffer, args, step, tok, dist, logprobs=own_copy)
         m["time/rollout"] = time.time() - t
         n = torch.tensor([len(groups)], device=dev)
         n = int(_all_reduce(n, torch.distributed.ReduceOp.MIN, dist)[0]) if dist.on else len(groups)
@@ -472,31 +561,34 @@ def main(args: Args) -> dict:
         rollouts += int(_all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
         if n:
             unwrap(policy).train()
-            m.update(rl_step(policy, prm, ref, popt, ropt, groups[:n], args, tok, dist, step))
+            with amp():
+                m.update(rl_step(policy, prm, ref, popt, ropt, groups[:n], args, tok, dist, step))
         t = time.time()
-        if gen.name == "vllm":
-            gen.update_weights(unwrap(policy))
+        gen.update_weights(unwrap(policy))  # vLLM / FSDP's HF copy (a no-op when HF samples with the policy)
         m["time/weight_sync"] = time.time() - t
         m["rollouts"] = rollouts
         m["train/reward"] = m.pop("rollout/acc")
         m["tokens_per_s"] = m.get("train/tokens", 0) / max(1e-9, sum(v for k, v in m.items() if k.startswith("time/")))
         if dist.main and test and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             unwrap(policy).eval()
-            m.update({f"eval/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+            with amp():
+                m.update({f"eval/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
         if dist.main:
             log.log(step + 1, **m)
             bar.set_postfix(reward=f"{m['train/reward']:.3f}", prm_loss=f"{m.get('train/prm_loss', float('nan')):.3f}")
         results["rollouts"] = rollouts
-        if dist.main and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_state(out, step + 1, policy, prm, popt, ropt, cursor, buffer, {"results": results})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(out, step + 1, policy, prm, popt, ropt, cursor, buffer, {"results": results}, dist, fsdp)
+    weights = [full_state(m, fsdp=fsdp)[0] for m in (policy, prm, ref)]  # collectives under FSDP
     if dist.main:
         if test:
             unwrap(policy).eval()
-            results.update({f"final/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+            with amp():
+                results.update({f"final/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
         results["wall_s"] = time.time() - t0
-        unwrap(policy).save_pretrained(out / "policy")
+        unwrap(policy).save_pretrained(out / "policy", state_dict=weights[0])
         tok.save_pretrained(out / "policy")
-        save_verifier(out, prm, ref, tok, args)
+        save_verifier(out, prm, ref, tok, args, (weights[1], weights[2]))
         write_json(out / "results.json", results)
         print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
     if dist.on:
@@ -562,10 +654,35 @@ def compare(args: Args) -> dict:
         curve.append(f"| {r} | " + " | ".join(cells) + " |")
     md = (f"RLOO's final smoothed training reward: {target:.3f} (mean of {len(seeds)} seeds)\n\n" + "\n".join(table) +
           "\n\nlearning curves (mean ± half-range over seeds; reward smoothed over 10 steps)\n\n" + "\n".join(curve) + "\n")
+    md += _error_tables(curves, seeds, res)
     (out / "compare.md").write_text(md)
     write_json(out / "results.json", res)
     print(md)
     return res
+
+
+def _error_tables(curves: dict, seeds: list[int], res: dict) -> str:
+    """Toy runs: test accuracy by number of operations and the share of solutions whose first wrong step is of
+    each kind, SFT beside each method's final policy (mean over seeds)."""
+    sft = curves["prime", seeds[0]]["r"]
+    if "final/greedy_first_errors" not in sft:
+        return ""
+    cols = {"SFT": [{k[4:]: v for k, v in sft.items() if k.startswith("sft/")}]}
+    cols.update({n: [{k[6:]: v for k, v in curves[n, s]["r"].items() if k.startswith("final/")} for s in seeds]
+                 for n in METHODS})
+    md = ""
+    for key, title in (("greedy_acc_by_ops", "greedy test accuracy by operations in the problem"),
+                       ("greedy_first_errors", "greedy test solutions whose first wrong step is a ..."),
+                       ("sample_first_errors", "T = 1 test solutions whose first wrong step is a ...")):
+        mean = {c: {k: sum(r[key].get(k, 0.0) for r in rs) / len(rs) for k in set().union(*(r[key] for r in rs))}
+                for c, rs in cols.items()}
+        for n in METHODS:
+            res[f"{n}/final/{key}"] = mean[n]
+        res[f"sft/{key}"] = mean["SFT"]
+        rows = sorted(set().union(*mean.values()))
+        md += (f"\n{title} (%)\n\n| | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n" +
+               "".join(f"| {k} | " + " | ".join(f"{100 * mean[c].get(k, 0.0):.1f}" for c in cols) + " |\n" for k in rows))
+    return md
 
 
 def _spread(xs: list[float], scale: float = 1.0) -> str:

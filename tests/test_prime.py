@@ -104,6 +104,12 @@ def test_end_to_end_contract_and_resume(tiny_toy_dir, tmp_path):
     res = json.loads((a / "results.json").read_text())
     for k in ("sft/greedy_acc", "sft/sample_acc", "final/greedy_acc", "final/sample_acc"):
         assert 0 <= res[k] <= 1, k
+    # the toy's checker: accuracy by operations, and first-error kinds that are shares of the solutions
+    assert set(res["final/greedy_acc_by_ops"]) <= {"1", "2", "3"}
+    for k in ("greedy_first_errors", "sample_first_errors"):
+        kinds = res[f"final/{k}"]
+        assert set(kinds) <= {"misread", "slip", "operand", "skip", "other-op", "other"} and sum(kinds.values()) <= 1
+    assert sum(res["final/greedy_first_errors"].values()) >= 1 - res["final/greedy_acc"] - 1e-9  # a wrong answer has one
     rows = _metrics(a)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for k in ("train/reward", "rollout/filtered_frac", "train/prm_loss", "train/prm_pairwise_acc", "train/adv_mean",
@@ -152,6 +158,7 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
         assert 0 <= res[f"{m}/final/greedy_acc"] <= 1 and 0 <= res[f"{m}/final/sample_acc"] <= 1
         assert f"{m}/rollouts_to_rloo_final_reward" in res
     assert "sft/greedy_acc" in res and res["prime_cost_per_step_vs_rloo"] > 0 and "| prime |" in r.stdout
+    assert "first wrong step" in r.stdout and "rloo/final/greedy_first_errors" in res
     rloo, frozen = _metrics(out / "rloo_seed0"), _metrics(out / "frozen_prm_seed0")
     assert all(r["train/process_return_abs"] == 0 for r in rloo)  # outcome-only: no process reward
     assert all("train/prm_loss" not in r for r in rloo)  # ... and no PRM work at all
@@ -166,3 +173,37 @@ def test_torchrun_two_processes(tiny_toy_dir, tmp_path):
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(one)] + TINY[2:] + ["--steps", "2"])
     assert set(_metrics(out)[-1]) == set(_metrics(one)[-1])  # the same metrics keys as one process
     assert json.loads((out / "results.json").read_text()).keys() == json.loads((one / "results.json").read_text()).keys()
+
+
+def test_torchrun_fsdp_resumes_exactly(tiny_toy_dir, tmp_path):
+    """FSDP2 over policy, PRM and reference (2 CPU processes, gloo): 2 steps straight, and 1 step then --resume to
+    2, give the same metrics and the same final policy (the sharded checkpoint gathered whole and loaded back)."""
+    base = ["--toy_dir", str(tiny_toy_dir), "--shard", "fsdp", "--lr", "0.01"] + TINY[2:]  # a big lr: stale weights would show
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(base + ["--out_dir", str(a), "--steps", "2"], torchrun=True)
+    _run(base + ["--out_dir", str(b), "--steps", "1"], torchrun=True)
+    _run(base + ["--out_dir", str(b), "--steps", "2", "--resume"], torchrun=True)
+    strip = lambda r: {k: v for k, v in r.items()  # noqa: E731  (times differ; NaN != NaN)
+                       if not k.startswith(("time", "tokens_per_s", "eval/")) and v == v}
+    assert [strip(r) for r in _metrics(a)] == [strip(r) for r in _metrics(b)]
+    from safetensors.torch import load_file
+    wa, wb = load_file(a / "policy" / "model.safetensors"), load_file(b / "policy" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "prm" / "reference" / "model.safetensors").exists()
+    # each rank samples with an HF copy synced after every update: its logprobs are the trained policy's
+    assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(a) + _metrics(b))
+
+
+def test_vllm_rollouts_follow_the_policy(tiny_toy_dir, tmp_path):
+    """--backend vllm: the weights pushed into the engine after every update, so the engine's logprob of each
+    sampled token is the trained policy's (an engine left with the SFT weights differs by ~0.5 nats a token
+    after one update at this lr)."""
+    from utils.generation import vllm_available
+    if not vllm_available():
+        if os.environ.get("STEPWISE_REQUIRE_VLLM"):
+            pytest.fail("STEPWISE_REQUIRE_VLLM is set but vllm is not importable")
+        pytest.skip("vllm is not installed")
+    out = tmp_path / "vllm"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--backend", "vllm", "--lr", "0.01"] + TINY)
+    rows = _metrics(out)
+    assert len(rows) == 3 and all(r["rollout/logprob_diff"] < 1e-3 and r["time/weight_sync"] > 0 for r in rows)
