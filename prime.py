@@ -22,6 +22,10 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
      (the toy's) stands in for verl's FSDP workers; the PRM and the reference are sharded like the policy.
   5. If the filter cannot fill a batch in --max_rounds sampling rounds, the step goes on with what passed
      (the original samples until it fills).
+  6. Rollouts come from vLLM (a colocated engine per rank, --vllm_memory of the GPU, weights pushed after
+     every update, prefix cache reset) or HF; verl's sleep/offload of the idle engine is not done.
+Options the code does not have, off by default: --prm_epochs (more PRM passes per batch), --prm_warmup
+(train the PRM for N steps before its rewards enter the advantages).
 
     python prime.py                                                  # toy world on CPU
     python prime.py --compare                                        # PRIME vs RLOO vs a frozen PRM, 3 seeds
