@@ -50,6 +50,7 @@ from utils.data import build_prompt, load_problems, read_jsonl, split_steps
 from utils.generation import load_backend, vllm_available
 from utils.grader import grade
 from utils.train import MetricsLog, run_main, seed_all, setup_dist, unwrap, write_json
+from utils.verifiers import read_meta
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Args:
     prm_grad_clip: float = field(default=10.0, metadata={"help": "PRM grad-norm clip (code: 10)"})
     process_rewards: bool = field(default=True, metadata={"help": "use the PRM's process rewards (false: outcome-only RLOO)"})
     prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
+    prm_init: str = field(default="", metadata={"help": "start the PRM, and take the reference, from an implicit "
+                                                       "verifier dir (a prime.py run's prm/; the paper's frozen "
+                                                       "baseline is an offline EurusPRM); empty: the SFT policy"})
     rescore: bool = field(default=False, metadata={"help": "take process rewards from a second forward after the PRM "
                                                            "update (paper B.2 'double forward'; default single)"})
     prm_epochs: int = field(default=1, metadata={"help": "PRM passes over each batch (code: 1); the rewards come "
@@ -520,8 +524,15 @@ def main(args: Args) -> dict:
             rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     models = []
+    src = {"policy": args.model, "prm": args.model, "reference": args.model}
+    if args.prm_init:
+        meta = read_meta(args.prm_init)
+        if meta.get("kind") != "implicit":
+            raise ValueError(f"--prm_init {args.prm_init}: not an implicit verifier dir (kind {meta.get('kind')!r})")
+        ref_dir = Path(meta["reference"])
+        src.update(prm=args.prm_init, reference=str(ref_dir if ref_dir.is_absolute() else Path(args.prm_init) / ref_dir))
     for name in ("policy", "prm", "reference"):  # one at a time: a rank holds one whole model at most
-        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
+        m = AutoModelForCausalLM.from_pretrained(src[name], dtype=torch.float32)  # fp32 master weights
         if st is not None and name in st:
             m.load_state_dict(st[name])
         if name == "reference":
@@ -615,12 +626,19 @@ def rollouts_to_reach(curve: list[tuple[int, float]], target: float) -> int | No
 
 def compare(args: Args) -> dict:
     """PRIME, outcome-only RLOO and a frozen PRM on the same budget for every seed: learning curves, final
-    test accuracy, and how many rollouts each needs to reach RLOO's final smoothed training reward."""
+    test accuracy, and how many rollouts each needs to reach RLOO's final smoothed training reward. The frozen
+    PRM is the one this seed's PRIME run trained (--prm_init: another); a frozen PRM that is still the SFT
+    policy would give q = 0 exactly, i.e. RLOO itself."""
     out, seeds, res, curves = Path(args.out_dir), [int(s) for s in args.seeds.split(",")], {}, {}
     for name, over in METHODS.items():
         for s in seeds:
             d = out / f"{name}_seed{s}"
-            r = main(replace(args, compare=False, seed=s, out_dir=str(d), resume=True, **over))
+            kw = dict(over)
+            if name == "frozen_prm" and not args.prm_init:  # the PRM this seed's PRIME run trained, frozen
+                kw["prm_init"] = str(out / f"prime_seed{s}" / "prm")
+            done = (d / "results.json").exists() and len(read_jsonl(d / "metrics.jsonl")) >= args.steps
+            r = json.loads((d / "results.json").read_text()) if done else \
+                main(replace(args, compare=False, seed=s, out_dir=str(d), resume=True, **kw))  # a finished run is kept
             rows = read_jsonl(d / "metrics.jsonl")
             curves[name, s] = {
                 "rollouts": [x["rollouts"] for x in rows], "reward": smooth([x["train/reward"] for x in rows]), "r": r,

@@ -162,8 +162,18 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
     rloo, frozen = _metrics(out / "rloo_seed0"), _metrics(out / "frozen_prm_seed0")
     assert all(r["train/process_return_abs"] == 0 for r in rloo)  # outcome-only: no process reward
     assert all("train/prm_loss" not in r for r in rloo)  # ... and no PRM work at all
+    # frozen_prm: the PRM this seed's PRIME run trained, not updated further, and its rewards used
+    from safetensors.torch import load_file
+    trained, kept = (load_file(d / "prm" / "model.safetensors") for d in (out / "prime_seed0", out / "frozen_prm_seed0"))
+    assert all(torch.equal(trained[k], kept[k]) for k in trained)
+    assert all(r["train/process_return_abs"] > 0 for r in frozen)
     # a frozen PRM that is still the reference gives q = 0 to the bit (no float noise blown up by the normalisation)
-    assert all(r["train/process_return_abs"] == 0 and r["train/prm_loss"] == pytest.approx(math.log(2)) for r in frozen)
+    sft = tmp_path / "frozen_sft"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sft), "--prm_update", "false"] + TINY[2:] + ["--steps", "2"])
+    assert all(r["train/process_return_abs"] == 0 and r["train/prm_loss"] == pytest.approx(math.log(2)) for r in _metrics(sft))
+    r = subprocess.run([sys.executable, "prime.py", "--toy_dir", str(tiny_toy_dir), "--prm_init", str(tiny_toy_dir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1  # one clear line
 
 
 def test_torchrun_two_processes(tiny_toy_dir, tmp_path):
