@@ -49,7 +49,8 @@ from tqdm import tqdm
 from utils.data import build_prompt, load_problems, read_jsonl, split_steps
 from utils.generation import load_backend, vllm_available
 from utils.grader import grade
-from utils.train import MetricsLog, run_main, seed_all, setup_dist, unwrap, write_json
+from utils.train import (MetricsLog, all_reduce, full_state, load_optimizer, run_main, seed_all, setup_dist, shard,
+                         token_logprobs, unwrap, write_json)
 from utils.verifiers import read_meta
 
 
@@ -201,24 +202,6 @@ def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> flo
 
 
 # ----------------------------------------------------------------------------- tensors from rollouts
-def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, device):
-    """log pi(y_t | x, y_<t) of each response token, (B, T) right-padded, and its mask (B, T)."""
-    T = max(1, max(len(r) for r in responses))
-    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # (B, L)
-    att = torch.zeros((len(prompts), L), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
-        att[i, : len(p) + len(r)] = 1
-    ids, att = ids.to(device), att.to(device)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
-    logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1): log p of token j+1
-    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    pos = (start[:, None] + torch.arange(T, device=device)[None]).clamp(max=L - 2)  # (B, T)
-    mask = (torch.arange(T, device=device)[None] < torch.tensor([len(r) for r in responses], device=device)[:, None])
-    return logp.gather(1, pos) * mask, mask.float()
-
-
 def logprobs_chunked(model, batch: dict, idx: list[int], micro: int, pad: int, device, grad: bool = False):
     """token_logprobs over rows idx in micro-batches; (B, T) padded to the batch's longest response."""
     T = batch["T"]
@@ -280,12 +263,6 @@ def _order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
-
-
-def _all_reduce(x: torch.Tensor, op, dist) -> torch.Tensor:
-    if dist.on:
-        torch.distributed.all_reduce(x, op=op)
-    return x
 
 
 # ----------------------------------------------------------------------------- one RL step
@@ -356,7 +333,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
     t = time.time()
     if args.process_rewards and step >= args.prm_warmup:
         rtg = (q * mask).flip(-1).cumsum(-1).flip(-1)
-        mx = _all_reduce((rtg.abs() * mask).max().reshape(1), torch.distributed.ReduceOp.MAX, dist)[0] \
+        mx = all_reduce((rtg.abs() * mask).max().reshape(1), torch.distributed.ReduceOp.MAX, dist)[0] \
             if args.global_stats else None
         p = normalize_process_rewards(q, mask, mx)
     else:
@@ -364,7 +341,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
     stats = None
     if args.global_stats and dist.on:
         _, ret = rloo_returns(outcome, p, mask, k, args.gamma)
-        s = _all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]),
+        s = all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]),
                         torch.distributed.ReduceOp.SUM, dist)
         mean = s[0] / s[2]
         stats = (mean, (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1))
@@ -426,15 +403,6 @@ def evaluate(gen, problems: list[dict], args: Args, tok, n_samples: int = 4) -> 
     return res
 
 
-def full_state(model, opt=None, fsdp: bool = False) -> tuple[dict, dict | None]:
-    """Whole (unsharded) state dicts of a model and its optimizer; under FSDP a collective every rank calls."""
-    if not fsdp:
-        return unwrap(model).state_dict(), opt.state_dict() if opt is not None else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets the tensors, the others {}
-    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o) if opt else None
-
-
 def save_state(out: Path, step: int, policy, prm, popt, ropt, cursor: dict, buffer: list, extra: dict, dist,
                fsdp: bool = False) -> None:
     """out/checkpoint/state.pt, written by rank 0 and replaced atomically: a kill at any moment leaves the
@@ -448,31 +416,6 @@ def save_state(out: Path, step: int, policy, prm, popt, ropt, cursor: dict, buff
                 "buffer": buffer, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, **extra},
                d / "state.pt.tmp")
     os.replace(d / "state.pt.tmp", d / "state.pt")
-
-
-def load_optimizer(model, opt, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        return opt.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
-
-
-def wrap(model, args: Args, dist, train: bool = True):
-    """DDP, or FSDP2 with one shard unit per decoder layer plus the root (bf16 params, fp32 reductions)."""
-    if not dist.on:
-        return model
-    if args.shard == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model) if train else model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if _bf16(args, dist) \
-        else MixedPrecisionPolicy()
-    for layer in getattr(getattr(model, "model", None), "layers", []):  # HF decoder layers
-        fully_shard(layer, mp_policy=mp)
-    return fully_shard(model, mp_policy=mp)
-
-
-def _bf16(args: Args, dist) -> bool:
-    return args.bf16 and dist.device.type == "cuda"
 
 
 def save_verifier(out: Path, prm, ref, tok, args: Args, states: tuple[dict, dict]) -> Path:
@@ -510,6 +453,7 @@ def main(args: Args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(args))
     dev, fsdp = dist.device, dist.on and args.shard == "fsdp"
+    bf16 = args.bf16 and dev.type == "cuda"  # fp32 master weights, bf16 compute (FSDP mixed precision or autocast)
     if args.shard not in ("fsdp", "ddp"):
         raise ValueError(f"--shard must be fsdp or ddp, not {args.shard!r}")
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -537,7 +481,7 @@ def main(args: Args) -> dict:
             m.load_state_dict(st[name])
         if name == "reference":
             m.requires_grad_(False).eval()
-        models.append(wrap(m if fsdp else m.to(dev), args, dist, train=name != "reference"))
+        models.append(shard(m if fsdp else m.to(dev), args.shard, dist, bf16, train=name != "reference"))
     policy, prm, ref = models  # FSDP moves each rank's shards to its device itself
     backend = args.backend if args.backend != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
     if backend == "vllm":  # its own copy of the weights, pushed after every update
@@ -555,7 +499,7 @@ def main(args: Args) -> dict:
         load_optimizer(policy, popt, st["popt"], fsdp)
         load_optimizer(prm, ropt, st["ropt"], fsdp)
         del st
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if _bf16(args, dist) and not fsdp else contextlib.nullcontext
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and not fsdp else contextlib.nullcontext
     log = MetricsLog(out, enabled=dist.main)
     if dist.main and "sft/greedy_acc" not in results and test:
         with amp():
@@ -571,9 +515,9 @@ def main(args: Args) -> dict:
             groups, m = collect(gen, problems, cursor, buffer, args, step, tok, dist, logprobs=own_copy)
         m["time/rollout"] = time.time() - t
         n = torch.tensor([len(groups)], device=dev)
-        n = int(_all_reduce(n, torch.distributed.ReduceOp.MIN, dist)[0]) if dist.on else len(groups)
+        n = int(all_reduce(n, torch.distributed.ReduceOp.MIN, dist)[0]) if dist.on else len(groups)
         buffer[:0] = groups[n:]  # every rank updates on as many groups (DDP), the rest waits for the next step
-        rollouts += int(_all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
+        rollouts += int(all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
         if n:
             unwrap(policy).train()
             with amp():

@@ -33,3 +33,25 @@ def test_metrics_and_checkpoints(tmp_path, tiny_model_dir):
     ck = latest_checkpoint(tmp_path)
     assert ck.name == "step_000010" and json.loads((ck / "trainer_state.json").read_text())["loss"] == 0.1
     AutoModelForCausalLM.from_pretrained(ck)
+
+
+def test_token_logprobs_one_sequence_at_a_time_and_one_process_plumbing(tiny_model_dir):
+    """Batched and right-padded, each response token's logprob is the one its own unpadded forward gives; in
+    one process shard() leaves a model as it is and full_state/load_optimizer round-trip plainly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from utils.train import Dist, full_state, load_optimizer, shard, token_logprobs
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts, responses = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]
+    with torch.no_grad():
+        lp, mask = token_logprobs(model, prompts, responses, 0, "cpu")
+        assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            full = torch.log_softmax(model(torch.tensor([p + r])).logits[0].float(), -1)
+            want = full[len(p) - 1: -1].gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            assert torch.allclose(lp[i, : len(r)], want, atol=1e-5) and (lp[i, len(r):] == 0).all()
+    assert shard(model, "fsdp", Dist()) is model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sd, osd = full_state(model, opt)
+    assert sd.keys() == model.state_dict().keys()
+    load_optimizer(model, opt, osd)

@@ -148,3 +148,61 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def write_json(path: str | Path, obj) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+# ----------------------------------------------------------------------------- RL trainers' plumbing
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, device):
+    """log pi(y_t | x, y_<t) of each response token, (B, T) right-padded, and its mask (B, T)."""
+    T = max(1, max(len(r) for r in responses))
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # (B, L)
+    att = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        att[i, : len(p) + len(r)] = 1
+    ids, att = ids.to(device), att.to(device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1): log p of token j+1
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    pos = (start[:, None] + torch.arange(T, device=device)[None]).clamp(max=L - 2)  # (B, T)
+    mask = (torch.arange(T, device=device)[None] < torch.tensor([len(r) for r in responses], device=device)[:, None])
+    return logp.gather(1, pos) * mask, mask.float()
+
+
+def all_reduce(x: torch.Tensor, op, dist: Dist) -> torch.Tensor:
+    """In place across ranks under torchrun; x itself in one process."""
+    if dist.on:
+        torch.distributed.all_reduce(x, op=op)
+    return x
+
+
+def shard(model, kind: str, dist: Dist, bf16: bool = False, train: bool = True):
+    """Under torchrun: DDP (kind "ddp"; a frozen model, train=False, stays as it is), or FSDP2 (kind "fsdp")
+    with one shard unit per HF decoder layer plus the root, bf16 params and fp32 reductions when bf16. FSDP
+    moves a CPU model's shards to the rank's device itself. One process: the model unchanged."""
+    if not dist.on:
+        return model
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model) if train else model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in getattr(getattr(model, "model", None), "layers", []):  # HF decoder layers
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def full_state(model, opt=None, fsdp: bool = False) -> tuple[dict, dict | None]:
+    """Whole (unsharded) state dicts of a model and its optimizer; under FSDP a collective every rank calls."""
+    if not fsdp:
+        return unwrap(model).state_dict(), opt.state_dict() if opt is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets the tensors, the others {}
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o) if opt else None
+
+
+def load_optimizer(model, opt, state: dict, fsdp: bool = False) -> None:
+    """The inverse of full_state for an optimizer (every rank holds the whole state)."""
+    if not fsdp:
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
