@@ -98,6 +98,42 @@ def join_steps(steps: list[str]) -> str:
     return STEP_SEP.join(steps)
 
 
+# ----------------------------------------------------------------------------- code-augmented CoT (rStar-Math)
+# A solution is one Python program cut into steps: "# reasoning" comments plus code, each step ending in a stop
+# tag; the last code step prints the answer and ends in END_CODE; the system appends the program's output
+# (an OUTPUT step); an answer step holds \boxed{...} and ends in END_ANSWER. A step's text includes its tag.
+END_STEP, END_CODE, END_ANSWER = "<end_of_step>", "<end_of_code>", "<end_of_answer>"
+CODE_STOPS = (END_STEP, END_CODE, END_ANSWER)
+CODE_PROMPT = "<|user|>:\n{problem}\n<|assistant|>: Let's think step by step and solve the problem with code."
+_TAGS = re.compile(r"<code>|<end_of_step>|<end_of_code>")
+
+
+def code_prompt(problem: str) -> str:
+    """rStar-Math's policy prompt (the SFT form: one newline before <|assistant|>, used everywhere here)."""
+    return CODE_PROMPT.format(problem=problem)
+
+
+def program_of(steps: list[str]) -> str:
+    """The program that steps so far make: every code step's text with the tags stripped, up to and including
+    the END_CODE step (output and answer steps are not code)."""
+    code = []
+    for s in steps:
+        if s.lstrip().startswith(("<output>", "<answer>")):
+            break
+        code.append(_TAGS.sub("", s))
+        if END_CODE in s:
+            break
+    return "\n".join(c.strip("\n") for c in code if c.strip()) + "\n"
+
+
+def output_step(stdout: str, cap: int = 1024) -> str:
+    """The system's step after END_CODE: the program's output, cut to head...tail past `cap` characters."""
+    out = stdout.strip("\n")
+    if len(out) > cap:
+        out = out[: cap // 2] + "..." + out[-cap // 2:]
+    return f"\n<output>{out}\n<end_of_output>"
+
+
 # ----------------------------------------------------------------------------- step-label converters
 def first_error_truncate(row: dict) -> dict:
     """Drop steps after the first negative label (PRM800K / ProcessBench convention)."""

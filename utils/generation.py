@@ -123,31 +123,36 @@ class HFBackend(Backend):
     @torch.no_grad()
     def _sample(self, prompts, index, n, temperature, top_p, max_tokens, stop, seed, logprobs):
         gen = torch.Generator(device=self.device).manual_seed(random.randrange(2**31) if seed is None else seed)
-        rows = [i for i in range(len(prompts)) for _ in range(n)]
-        out = [[] for _ in prompts]
-        for s in range(0, len(rows), self.batch_size):
-            chunk = rows[s: s + self.batch_size]
-            for i, smp in zip(chunk, self._generate([prompts[i] for i in chunk], temperature, top_p,
-                                                    max_tokens, stop or [], gen)):
-                out[i].append(smp if logprobs else Sample(smp.token_ids, smp.text, None, smp.finish))
+        out, per = [[] for _ in prompts], max(1, self.batch_size // n)  # prompts per batch: n rows each
+        for s in range(0, len(prompts), per):
+            chunk = list(range(s, min(len(prompts), s + per)))
+            res = self._generate([prompts[i] for i in chunk], temperature, top_p, max_tokens, stop or [], gen, n)
+            for j, smp in enumerate(res):
+                out[chunk[j // n]].append(smp if logprobs else Sample(smp.token_ids, smp.text, None, smp.finish))
         return out
 
-    def _generate(self, prompts, temperature, top_p, max_tokens, stop, gen):
-        B, P = len(prompts), max(len(p) for p in prompts)
+    def _generate(self, prompts, temperature, top_p, max_tokens, stop, gen, n=1):
+        """n samples of each prompt; a prompt is run through the model once and its KV cache copied n times."""
+        B, P = len(prompts) * n, max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((B, P), pad, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros((B, P), dtype=torch.long)
+        ids = torch.full((len(prompts), P), pad, dtype=torch.long)  # (B / n, P) left-padded
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, P - len(p):], mask[r, P - len(p):] = torch.tensor(p), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        budget = [min(max_tokens, self.max_model_len - len(p)) for p in prompts]
+        budget = [min(max_tokens, self.max_model_len - len(p)) for p in prompts for _ in range(n)]
         toks, lps, finish = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
         past, cur, rows = _growing_kv_cache(), ids, list(range(B))  # rows: batch position -> original row
+        win = max((len(x.encode()) for x in stop), default=0) + 1  # a stop string ends within its bytes + 1 tokens
         for t in range(max(budget)):
             o = self.model(input_ids=cur, attention_mask=mask, position_ids=pos[:, -cur.shape[1]:],
                            **kv_cache_kwargs(self.model, past))  # `past` is filled in place
             logits = o.logits[:, -1].float()  # (b, V)
+            if t == 0 and n > 1:  # the prompts' prefill done once: each row now becomes its n samples
+                logits, mask, pos = (x.repeat_interleave(n, 0) for x in (logits, mask, pos))
+                for layer in past.layers:
+                    layer.batch_repeat_interleave(n)
             logp = torch.log_softmax(logits, -1)
             if temperature == 0:
                 nxt = logits.argmax(-1)
@@ -165,7 +170,7 @@ class HFBackend(Backend):
                 lps[r].append(chosen[k])
                 if nxt_l[k] in self.eos:
                     finish[r] = "eos"
-                elif stop and any(s in self.decode(toks[r]) for s in stop):
+                elif stop and _has_stop(self.decode(toks[r][-win:]), stop):
                     finish[r] = "stop"
                 elif len(toks[r]) >= budget[r]:
                     finish[r] = "length"
@@ -209,6 +214,10 @@ class HFBackend(Backend):
             self.model.load_state_dict(dict(named_weights(model)))
 
 
+def _has_stop(tail: str, stop: list[str]) -> bool:
+    return any(x in tail for x in stop)
+
+
 def _growing_kv_cache():
     """A transformers Cache whose layers write into buffers grown by doubling: the default DynamicCache
     concatenates the whole cache every token, which took a quarter of HF sampling time on CPU."""
@@ -230,6 +239,11 @@ def _growing_kv_cache():
             self.n = n + t
             self.keys, self.values = self.buf[0][..., : self.n, :], self.buf[1][..., : self.n, :]
             return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats):
+            if self.get_seq_length() > 0:
+                self.buf = self.buf[0].repeat_interleave(repeats, 0), self.buf[1].repeat_interleave(repeats, 0)
+                self.keys, self.values = self.buf[0][..., : self.n, :], self.buf[1][..., : self.n, :]
 
         def batch_select_indices(self, indices):
             if self.get_seq_length() > 0:

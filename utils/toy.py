@@ -150,6 +150,19 @@ def solve(prob: dict, rng: random.Random | None = None, errors: dict | None = No
     return solve(prob, code=code)
 
 
+def code_solution(prob: dict, rng: random.Random | None = None, errors: dict | None = None) -> list[str]:
+    """The code-augmented rendering in rStar-Math's format (utils.data: tags, prompt): one `# sentence` +
+    Python line per step, `print` in the END_CODE step, the system's output step, the answer step. Python does
+    the arithmetic, so slips cannot happen; misreadings, distractors and skips are drawn as in `solve`."""
+    from utils.data import END_ANSWER, END_CODE, END_STEP, output_step
+    prob = {**parse_problem(prob["problem"]), **prob}
+    *code, answer = solve(prob, rng, errors, code=True)
+    x = _BOXED.findall(answer)[0]
+    steps = [("<code>" if i == 0 else "") + f"\n{c}\n{END_STEP}" for i, c in enumerate(code)]
+    return steps + [f"\nprint({prob['item']})\n{END_CODE}", output_step(x),
+                    f"\n<answer>The answer is \\boxed{{{x}}}.\n{END_ANSWER}"]
+
+
 # ----------------------------------------------------------------------------- exact checker
 _EQ = re.compile(r"(-?\d+(?:\.\d+)?) ([-+*/]) (-?\d+(?:\.\d+)?) = (-?\d+(?:\.\d+)?)")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -372,34 +385,53 @@ def drill_row(rng: random.Random, train: list[dict], tok, n_chars: int) -> tuple
     return ids, labels
 
 
-def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(print, flush=True)):
-    """Supervised fine-tuning of a fresh tiny Qwen2 on solutions with the error modes above, mixed with
-    arithmetic drill rows (`cfg.drill_frac`). Runs on the GPU when there is one (the same steps; on CPU
-    the weights are bit-identical to a CPU-only build), e.g. the 8.5M-parameter verifier base of the README."""
+def nl_row(p: dict, rng: random.Random, tok) -> tuple[list, list]:
+    """An SFT row of the plain rendering: prompt + a solution with error modes, loss on the solution + EOS."""
+    prompt = tok.encode(prompt_text(p["problem"]), add_special_tokens=False)
+    sol = tok.encode(STEP_SEP.join(solve(p, rng, ERRORS)), add_special_tokens=False) + [tok.eos_token_id]
+    return prompt + sol, [-100] * len(prompt) + sol
+
+
+def code_row(p: dict, rng: random.Random, tok, errors: dict | None = None) -> tuple[list, list]:
+    """An SFT row of the code-augmented rendering: rStar's prompt + `code_solution`, loss on every step the
+    policy writes + EOS, none on the system's output step."""
+    from utils.data import code_prompt
+    ids = tok.encode(code_prompt(p["problem"]), add_special_tokens=False)
+    labels = [-100] * len(ids)
+    for st in code_solution(p, rng, ERRORS if errors is None else errors):
+        t = tok.encode(st, add_special_tokens=False)
+        ids, labels = ids + t, labels + ([-100] * len(t) if st.startswith("\n<output>") else t)
+    return ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+
+
+def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(print, flush=True), make_row=nl_row,
+               init=None, steps: int | None = None, drill_frac: float | None = None):
+    """Supervised fine-tuning of a tiny Qwen2 (fresh, or `init`) on rows of `make_row` (default: plain
+    solutions with the error modes above), mixed with arithmetic drill rows (`cfg.drill_frac`). Runs on the
+    GPU when there is one (the same steps; on CPU the weights are bit-identical to a CPU-only build), e.g.
+    the 8.5M-parameter verifier base of the README."""
     import torch
 
     torch.manual_seed(cfg.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU builds larger toy models in minutes
-    model = tiny_qwen2(len(tok), cfg.hidden, cfg.layers, seed=cfg.seed).to(dev)
+    model = (init or tiny_qwen2(len(tok), cfg.hidden, cfg.layers, seed=cfg.seed)).to(dev)
+    steps = steps or cfg.sft_steps
+    drill = cfg.drill_frac if drill_frac is None else drill_frac
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.sft_steps)))))
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     rng, order, pool, t0, ntok = random.Random(cfg.seed + 1), [], [], time.time(), 0
     model.train()
-    for step in range(cfg.sft_steps):
+    for step in range(steps):
         if not pool:  # draw 8 batches, bucket them by length (less padding), serve in random order
             for _ in range(8 * cfg.batch_size):
                 if not order:
                     order = list(range(len(train)))
                     rng.shuffle(order)
                 p = train[order.pop()]
-                prompt = tok.encode(prompt_text(p["problem"]), add_special_tokens=False)
-                sol = tok.encode(STEP_SEP.join(solve(p, rng, ERRORS)), add_special_tokens=False) + [tok.eos_token_id]
-                if rng.random() < cfg.drill_frac:
-                    pool.append(drill_row(rng, train, tok, cfg.drill_chars))
-                else:
-                    pool.append((prompt + sol, [-100] * len(prompt) + sol))  # loss on the solution only
+                row = make_row(p, rng, tok)  # drawn first either way: the plain build's stream is unchanged
+                pool.append(drill_row(rng, train, tok, cfg.drill_chars) if rng.random() < drill else row)
             pool.sort(key=lambda row: len(row[0]))
             pool = [pool[i: i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
             rng.shuffle(pool)
@@ -415,7 +447,7 @@ def sft_policy(cfg: ToyConfig, train: list[dict], tok, log=functools.partial(pri
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         ntok += int(mask.sum())
-        if step % 100 == 0 or step == cfg.sft_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"sft step {step:5d}  loss {loss.item():.4f}  {ntok / (time.time() - t0):,.0f} tok/s")
     return model.eval().cpu()
 
@@ -492,6 +524,109 @@ def _build(out: Path, cfg: ToyConfig, backend: str, log) -> None:
     calib = calibrate(str(out / "policy"), test, cfg, backend) | {"config": asdict(cfg)}
     (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
     os.replace(out / "calibration.json.tmp", out / "calibration.json")  # the marker of a finished build
+
+
+# ----------------------------------------------------------------------------- the code-augmented build (rstar_mcts.py)
+def program_row(p: dict, rng: random.Random, tok) -> tuple[list, list]:
+    """A "pretraining" row of the code base: a code-augmented solution with no problem before it, loss on
+    all of it (the format and Python, not how to read a problem into it)."""
+    ids = tok.encode("".join(code_solution(p, rng, ERRORS)), add_special_tokens=False) + [tok.eos_token_id]
+    return ids, ids
+
+
+@dataclass
+class CodeToyConfig:
+    pre_steps: int = 400  # the plain policy trained on programs alone (`program_row`)
+    base_steps: int = 600  # then code SFT at the base's error rates: the base each round SFTs from
+    base_misread: float = 0.5  # the base's error rates (higher: a weaker reader of problems than the bootstrap)
+    base_distractor: float = 0.4
+    base_skip: float = 0.15
+    policy_steps: int = 300  # the base's SFT continued at the rates below: the round-1 (bootstrap) policy
+    misread: float = ERRORS["misread"]  # error rates of the bootstrap's SFT data (no slips: Python computes)
+    distractor: float = ERRORS["distractor"]
+    skip: float = ERRORS["skip"]
+    lr: float = 3e-3
+    calib_problems: int = 200
+
+
+def ensure_code_toy(toy_dir: str | Path, cfg: CodeToyConfig | None = None, log=functools.partial(print, flush=True)
+                    ) -> Path:
+    """The toy world's code-augmented models, built once into toy_dir/code-KEY (calibration.json written
+    last). base/: the plain toy policy (it reads problems and solves them in natural language) trained on
+    programs alone (`pre_steps`), then SFT'd on problems + code solutions at high error rates (`base_steps`):
+    a model that writes the format and reads problems, but misreads often; the stand-in for the paper's base
+    (Qwen2.5-Math-7B), which every round SFTs from. policy/: the base's SFT continued at the usual error
+    rates (`policy_steps`): a better reader, the stand-in for the paper's few-shot 236B coder (round 1).
+    NOTE: weaker bases failed at this scale. A drill-only base had not learned to copy numbers from the
+    prompt after 1,000 code SFT steps (3% greedy); the programs-only model reached 8% greedy after SFT on
+    81 round-1 trajectories: a base that cannot yet read a problem into code needs far more SFT data than
+    a few hundred MCTS problems give."""
+    cfg = cfg or CodeToyConfig()
+    toy_dir = Path(toy_dir)
+    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    out = toy_dir / f"code-{key}"
+    if (out / "calibration.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "calibration.json").exists():
+            _build_code(toy_dir, out, cfg, log)
+    return out
+
+
+def _build_code(toy_dir: Path, out: Path, cfg: CodeToyConfig, log) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.data import read_jsonl
+    toy = ToyConfig(**{k: v for k, v in json.loads((toy_dir / "calibration.json").read_text())["config"].items()
+                       if k in ToyConfig.__dataclass_fields__})
+    toy.lr = cfg.lr
+    train, test = read_jsonl(toy_dir / "train.jsonl"), read_jsonl(toy_dir / "test.jsonl")
+    tok = AutoTokenizer.from_pretrained(toy_dir / "policy")
+    t0 = time.time()
+    if not (out / "base" / "model.safetensors").exists():
+        errors = {"misread": cfg.base_misread, "distractor": cfg.base_distractor, "skip": cfg.base_skip}
+        model = AutoModelForCausalLM.from_pretrained(toy_dir / "policy")
+        model = sft_policy(toy, train, tok, log, make_row=program_row, init=model, steps=cfg.pre_steps, drill_frac=0.0)
+        model = sft_policy(toy, train, tok, log, make_row=functools.partial(code_row, errors=errors), init=model,
+                           steps=cfg.base_steps, drill_frac=0.0)
+        model.save_pretrained(out / "base")
+        tok.save_pretrained(out / "base")
+        log(f"code toy: base {time.time() - t0:.0f} s")
+    if not (out / "policy" / "model.safetensors").exists():
+        errors = {"misread": cfg.misread, "distractor": cfg.distractor, "skip": cfg.skip}
+        model = AutoModelForCausalLM.from_pretrained(out / "base")
+        model = sft_policy(toy, train, tok, log, make_row=functools.partial(code_row, errors=errors), init=model,
+                           steps=cfg.policy_steps, drill_frac=0.0)
+        model.save_pretrained(out / "policy")
+        tok.save_pretrained(out / "policy")
+        log(f"code toy: bootstrap policy {time.time() - t0:.0f} s")
+    base = {f"base/{k}": v for k, v in calibrate_code(str(out / "base"), test[: cfg.calib_problems]).items()}
+    calib = calibrate_code(str(out / "policy"), test[: cfg.calib_problems]) | base | {
+        "config": asdict(cfg), "seconds": time.time() - t0}
+    (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
+    os.replace(out / "calibration.json.tmp", out / "calibration.json")
+
+
+def calibrate_code(policy_dir: str, problems: list[dict], n: int = 4) -> dict:
+    """Accuracy of the programs a code policy writes (greedy, and n samples at T = 1), run in the sandbox: the
+    program's output against the gold answer (the answer step only copies it)."""
+    from utils.data import CODE_STOPS, END_CODE, code_prompt, program_of
+    from utils.generation import load_backend
+    from utils.sandbox import run_many
+
+    gen = load_backend(policy_dir, backend="hf", max_model_len=1024)
+    prompts = [gen.encode(code_prompt(p["problem"])) for p in problems]
+    stop = [t for t in CODE_STOPS if t != "<end_of_step>"]  # the whole program in one go
+    res = {}
+    for name, temp, k in (("greedy_acc", 0.0, 1), ("sample_acc_t1", 1.0, n)):
+        outs = gen.sample(prompts, n=k, temperature=temp, max_tokens=400, stop=stop, seed=0, logprobs=False)
+        texts = [o.text for row in outs for o in row]
+        runs = run_many([program_of([t]) if END_CODE in t else "raise SystemExit(1)" for t in texts], timeout=5)
+        gold = [p["answer"] for p in problems for _ in range(k)]
+        res[name] = sum(r.ok and r.stdout.strip() == g for r, g in zip(runs, gold)) / len(texts)
+    return res | {"n_problems": len(problems)}
 
 
 def toy_processbench(gen, problems: list[dict], chat: bool = False, temperature: float = 1.0, max_tokens: int = 200,

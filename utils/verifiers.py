@@ -15,6 +15,8 @@ Kinds (KINDS below; each method file that trains a verifier adds its kind here a
           TRL). An ORM is a prm trained on outcome labels.
   implicit  prime.py's implicit PRM: sigma(beta * log pi_phi/pi_ref summed up to the end of each step);
           verifier.json names beta and the reference model dir.
+  ppm     ppm.py's process preference model (and its pqm / orm ablations): a scalar value head on a causal
+          LM, read at the end of each step; score (tanh(raw / 5) + 1) / 2, `values()` gives tanh(raw / 5).
   oracle  the toy checker: 1 for each step before the first wrong one, 0 from it on (an upper bound).
 Public PRM formats load without a verifier.json: the format is detected from the config and tokenizer,
 or given as `fmt` (`--verifier_format`):
@@ -372,6 +374,82 @@ class ImplicitVerifier:
         return self.score(problems, steps_lists)
 
 
+class ValueHeadLM(torch.nn.Module):
+    """A causal LM's transformer with a scalar head on the last hidden state (rStar-Math's PPM): dropout 0.1,
+    then Linear(hidden, 1) initialised near 0 (weights N(5e-7, 1e-6), bias 1e-6, as the code). forward
+    returns the raw score at each (tag_b, tag_t) position, shape (N,)."""
+
+    def __init__(self, model, dropout: float = 0.1):
+        super().__init__()
+        self.model = model
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(model.config.hidden_size, 1)
+        torch.nn.init.normal_(self.head.weight, mean=5e-7, std=1e-6)
+        torch.nn.init.constant_(self.head.bias, 1e-6)
+
+    def forward(self, ids, mask, tag_b, tag_t):
+        h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[tag_b, tag_t]  # (N, H)
+        return self.head(self.dropout(h.to(self.head.weight.dtype))).squeeze(-1)  # (N,)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+        self.model.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(Path(path) / "value_head.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | Path, dtype=torch.float32) -> "ValueHeadLM":
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        m = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
+        m.head.load_state_dict(load_file(str(Path(path) / "value_head.safetensors")))
+        return m.to(dtype)
+
+
+class PPMVerifier:
+    """Kind `ppm` (ppm.py: the PPM and its PQM / ORM ablations): a ValueHeadLM read at the last token of the
+    prompt and each step; a step's value is tanh(raw / scale) in [-1, 1] (the code's inference rule, scale 5),
+    its score (value + 1) / 2 in [0, 1]. verifier.json: objective, scale, prompt_template, step_tag ("")."""
+    kind = "ppm"
+
+    def __init__(self, model: ValueHeadLM, tok, meta: dict, batch_tokens: int = 16384, max_len: int = 4096):
+        self.model, self.tok, self.meta = model.eval(), tok, {**PRM_DEFAULTS, "step_tag": "", **meta}
+        self.scale, self.batch_tokens, self.max_len, self.tokens = float(self.meta.get("scale", 5.0)), batch_tokens, \
+            max_len, 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def step_values(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        dev = next(self.model.parameters()).device
+        ex = [dict(zip(("ids", "tags"), encode(self.tok, p, s, self.meta, self.max_len)), i=i)
+              for i, (p, s) in enumerate(zip(problems, steps_lists))]
+        self.tokens += sum(len(e["ids"]) for e in ex)
+        out: list[list[float]] = [[] for _ in problems]
+        for batch in make_batches(ex, self.batch_tokens, random.Random(0)):
+            ids, mask, tb, tt, _ = collate(batch, self.pad, dev)
+            v = torch.tanh(self.model(ids, mask, tb, tt).float() / self.scale).tolist() if len(tt) else []
+            k = 0
+            for e in batch:
+                out[e["i"]] = v[k: k + len(e["tags"])]
+                k += len(e["tags"])
+        return [(o + [o[-1] if o else 0.0] * len(s))[: len(s)] for o, s in zip(out, steps_lists)]
+
+    def values(self, problems: list[str], steps_lists: list[list[str]]) -> list[float]:
+        """The value of each whole prefix (its last step's): what MCTS initialises a new node with."""
+        return [v[-1] if v else 0.0 for v in self.step_values(problems, steps_lists)]
+
+    def score(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        return [[(x + 1) / 2 for x in v] for v in self.step_values(problems, steps_lists)]
+
+    def score_shared(self, problems, steps_lists, shared):
+        return self.score(problems, steps_lists)
+
+
+def _load_ppm_kind(path: Path, meta: dict, device, **kw) -> PPMVerifier:
+    from transformers import AutoTokenizer
+    return PPMVerifier(ValueHeadLM.load(path).to(device), AutoTokenizer.from_pretrained(str(path)), meta, **kw)
+
+
 def _load_implicit_kind(path: Path, meta: dict, device, **kw) -> ImplicitVerifier:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ref = Path(meta["reference"])
@@ -386,7 +464,7 @@ def _load_prm_kind(path: Path, meta: dict, device, **kw) -> PRMVerifier:
     return PRMVerifier(prm.to(device), tok, meta, **kw)
 
 
-KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind}  # kind -> loader(path, meta, device, **options)
+KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind, "ppm": _load_ppm_kind}  # kind -> loader(path, meta, device, **options)
 
 
 def detect_format(path: Path) -> str:

@@ -1,0 +1,175 @@
+"""rstar_mcts.py and ppm.py: UCT, backup, expansion rules, pairs and losses by hand; end to end on the toy."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppm
+import rstar_mcts as rs
+from utils.data import END_ANSWER, END_CODE, END_STEP, program_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _node(parent, N=0, W=0.0, **kw):
+    n = rs.Node(parent=parent, N=N, W=W, **kw)
+    parent.children.append(n)
+    return n
+
+
+def test_uct_rstar_rule_and_textbook_rule():
+    root = rs.Node(N=10)
+    a, b, c = _node(root, N=4, W=-4.0), _node(root, N=0), _node(root, N=2, W=2.0)
+    # a: -1 + 2 sqrt(ln 10 / 4) = 0.5174; b: unvisited = 0 (rstar) or inf (textbook); c: 1 + 2 sqrt(ln 10 / 2) = 3.146
+    assert rs.uct(root, a, 2.0) == pytest.approx(-1 + 2 * math.sqrt(math.log(10) / 4))
+    assert rs.uct(root, b, 2.0) == 0.0 and rs.uct(root, b, 2.0, "textbook") == math.inf
+    assert rs.select_child(root, 2.0) is c
+    assert rs.select_child(root, 2.0, "textbook") is b
+    # the UCT-0 effect: a visited child with Q = -1 beats an unvisited sibling while its bonus is above 1
+    root2 = rs.Node(N=10)
+    bad, fresh = _node(root2, N=1, W=-1.0), _node(root2)
+    assert rs.select_child(root2, 2.0) is bad  # -1 + 2 sqrt(ln 10) = 2.03 > 0
+    # ties go to the first child; terminal children are skipped; all terminal -> None
+    root3 = rs.Node(N=3)
+    x, y = _node(root3, N=1, W=0.5), _node(root3, N=1, W=0.5)
+    assert rs.select_child(root3, 2.0) is x
+    x.terminal = True
+    assert rs.select_child(root3, 2.0) is y
+    y.terminal = True
+    assert rs.select_child(root3, 2.0) is None
+
+
+def test_backup_to_root_and_local_update():
+    root = rs.Node()
+    a = _node(root)
+    b = _node(a)
+    rs.backup(b, 1.0)
+    rs.backup(b, -1.0)
+    assert (root.N, root.W, a.N, a.W, b.N, b.Q) == (2, 0.0, 2, 0.0, 2, 0.0)
+    dead = _node(a)
+    rs.local_update(dead, -1.0)  # a dead end: only itself
+    assert (dead.N, dead.Q, a.N, root.N) == (1, -1.0, 2, 2)
+    rs.backup(_node(b), 1.0)
+    assert (root.N, root.Q, a.Q) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
+
+
+def test_new_children_dedupe_single_answer_depth():
+    root = rs.Node(depth=0)
+    step = f"\n# Ana buys 2 more.\ncoins = coins + 2\n{END_STEP}"
+    ans1 = f"\n<answer>The answer is \\boxed{{5}}.\n{END_ANSWER}"
+    ans2 = f"\n<answer>The answer is \\boxed{{6}}.\n{END_ANSWER}"
+    kids = rs.new_children(root, [(step, "stop"), (step, "stop"), (ans1, "stop"), (ans2, "stop"), ("junk", "eos")], 16)
+    assert [k.kind for k in kids] == ["step", "answer", "dead"]
+    assert kids[1].answer == "5" and kids[1].terminal and kids[2].terminal and not kids[0].terminal
+    deep = rs.Node(depth=16)
+    assert rs.new_children(deep, [(step, "stop")], 16)[0].kind == "dead"
+
+
+def test_run_children_reruns_the_whole_program():
+    root = rs.Node()
+    s1 = _node(root, text=f"<code>\n# Ana has 3 coins.\ncoins = 3\n{END_STEP}", kind="step")
+    s2 = _node(s1, text=f"\n# Ana then has twice as many.\ncoins = coins * 2\n{END_STEP}", kind="step")
+    bad = _node(s1, text=f"\n# oops\ncoins = cons * 2\n{END_STEP}", kind="step")
+    code = _node(s2, text=f"\nprint(coins)\n{END_CODE}", kind="code")
+    assert program_of(code.steps()).splitlines()[-1] == "print(coins)"
+    cache = {}
+    rs.run_children([s2, bad, code], 5.0, cache)
+    assert bad.kind == "dead" and bad.terminal and s2.kind == "step"
+    assert code.text.endswith("\n<output>6\n<end_of_output>") and len(cache) == 3
+
+
+def _tree():
+    """root -> a (Q .8: leads to a correct answer) / b (Q -.6: wrong) / c (Q .2: both)."""
+    nodes = [{"parent": -1, "text": "", "N": 6, "Q": 0.0, "kind": "root", "correct": None},
+             {"parent": 0, "text": "step A " + "x" * 30, "N": 2, "Q": 0.8, "kind": "step", "correct": None},
+             {"parent": 0, "text": "step B " + "y" * 30, "N": 2, "Q": -0.6, "kind": "step", "correct": None},
+             {"parent": 0, "text": "step C " + "z" * 30, "N": 2, "Q": 0.2, "kind": "step", "correct": None},
+             {"parent": 1, "text": "ans A", "N": 2, "Q": 1.0, "kind": "answer", "correct": True},
+             {"parent": 2, "text": "ans B", "N": 2, "Q": -1.0, "kind": "answer", "correct": False},
+             {"parent": 3, "text": "ans C1", "N": 1, "Q": 1.0, "kind": "answer", "correct": True},
+             {"parent": 3, "text": "ans C2 wrong " + "w" * 30, "N": 1, "Q": -1.0, "kind": "answer", "correct": False},
+             {"parent": 3, "text": "dead", "N": 1, "Q": -1.0, "kind": "dead", "correct": None}]
+    return {"problem": "P", "answer": "1", "nodes": nodes}
+
+
+def test_ppm_pairs_by_hand():
+    t = _tree()
+    kids = ppm.children_of(t["nodes"])
+    assert ppm.leaf_counts(t["nodes"], kids)[3] == (1, 1) and ppm.leaf_counts(t["nodes"], kids)[0] == (2, 2)
+    rows = ppm.ppm_pairs(t, margin=0.5, min_edit=20)
+    sib = [(r["pos"][:6], r["neg"][:6], r["pos_count"], r["neg_count"]) for r in rows if not r["final"]]
+    # root: good = a (.8), c (.2); bad = b (-.6), c (.2). a-b margin 1.4 kept; a-c margin .6 kept; c-b margin .8
+    # kept; c-c dropped. Then node c (both outcomes): C1 vs C2: margin 2, edit >= 20 kept, counts 1 x 1.
+    assert sib == [("step A", "step B", 2, 2), ("step A", "step C", 2, 2), ("step C", "step B", 2, 2),
+                   ("ans C1", "ans C2", 1, 1)]
+    assert ppm.ppm_pairs(t, margin=1.0, min_edit=20)[0]["neg"].startswith("step B")  # a-c (.6) and c-b (.8) drop
+    assert len([r for r in ppm.ppm_pairs(t, 0.5, 100) if not r["final"]]) == 0  # every pair under 100 characters
+    final = [r for r in rows if r["final"]]
+    # correct trajectories: a+A (mean .9), c+C1 (.6); wrong: b+B (-.8), c+C2 (-.4): 2 x 2 pairs from the question
+    assert [(r["pos"][:6], r["neg"][:6]) for r in final] == [("step A", "step B"), ("step A", "step C"),
+                                                              ("step C", "step B"), ("step C", "step C")]
+    assert all(r["prefix"] == [] and r["pos_count"] == 2 for r in final)
+    assert [r["step"] for r in ppm.orm_rows(t)][0] == "step A " + "x" * 30 + "ans A"
+    assert len(ppm.pqm_rows(t)) == 7  # every visited node but the root and the dead end
+
+
+def test_bt_loss_weighted_by_counts():
+    rp, rn = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    pc, nc = torch.tensor([2.0, 1.0]), torch.tensor([2.0, 4.0])
+    want = (math.log(1 + math.exp(-2.0)) / 4 + math.log(1 + math.exp(1.0)) / 4) / 2
+    assert ppm.bt_loss(rp, rn, pc, nc).item() == pytest.approx(want)
+    assert ppm.orm_loss(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
+    assert ppm.pqm_loss(torch.tensor([5 * math.atanh(0.5)]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-9)
+    assert ppm.edit_distance("kitten", "sitting") == 3
+
+
+def test_top_trajectories_by_mean_q():
+    tree = rs.Tree({"problem": "P", "answer": "1"}, [])
+    a = _node(tree.root, N=3, W=3.0, text="a")
+    b = _node(tree.root, N=3, W=1.0, text="b")
+    for parent, q, ok, text in ((a, 1.0, True, "A"), (b, 1.0, True, "B"), (b, -1.0, False, "X"), (a, 1.0, True, "error A")):
+        _node(parent, N=1, W=q, kind="answer", correct=ok, text=text)
+    assert rs.top_trajectories(tree, 2) == [["a", "A"], ["b", "B"]]  # "error" trajectories are not SFT data
+
+
+@pytest.fixture(scope="module")
+def code_toy(tiny_toy_dir):
+    from utils.toy import CodeToyConfig, ensure_code_toy
+    return ensure_code_toy(tiny_toy_dir, CodeToyConfig(pre_steps=10, base_steps=20, policy_steps=10, calib_problems=4))
+
+
+def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
+    out = tmp_path / "rstar"
+    cmd = [sys.executable, "rstar_mcts.py", "--out_dir", str(out), "--n_train", "12", "--n_test", "8",
+           "--rollouts", "2,2", "--candidates", "2", "--eval_rollouts", "2", "--eval_candidates", "2",
+           "--sft_epochs", "1", "--ppm_args", "--min_edit 1 --epochs 1 --batch 8 --max_len 1024",
+           "--model", str(code_toy / "policy"), "--base", str(code_toy / "base"),
+           "--data", str(tiny_toy_dir / "train.jsonl"), "--test_data", str(tiny_toy_dir / "test.jsonl"),
+           "--max_step_tokens", "60", "--max_model_len", "1024", "--exec_timeout", "5", "--sft_batch", "8",
+           "--sft_lr", "1e-3", "--backend", "hf", "--rounds", "2", "--hard_rollouts", ""]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for k in ("round_1/greedy_acc", "round_1/solved_frac", "round_2/greedy_acc", "round_2/solved_frac",
+              "ppm_mcts@2", "pqm_mcts@2", "orm_bon@2", "maj@2"):
+        assert k in res and 0.0 <= res[k] <= 1.0, k
+    tree = json.loads((out / "round_1" / "trees.jsonl").read_text().splitlines()[0])
+    nodes = tree["nodes"]
+    answers = sum(n["kind"] == "answer" for n in nodes)
+    assert nodes[0]["N"] == answers and all("Q" in n and "N" in n for n in nodes)  # each answer backed up to the root
+    meta = json.loads((out / "round_2" / "ppm" / "verifier.json").read_text())
+    assert meta["kind"] == "ppm" and (out / "round_2" / "ppm" / "pairs.jsonl").exists()
+    from utils.verifiers import load_verifier
+    v = load_verifier(str(out / "round_2" / "ppm"), device="cpu")
+    s = v.score(["Ana has 3 coins. How many coins does Ana have now?"],
+                [[f"<code>\n# Ana has 3 coins.\ncoins = 3\n{END_STEP}", f"\nprint(coins)\n{END_CODE}"]])
+    assert len(s[0]) == 2 and all(0.0 <= x <= 1.0 for x in s[0])
+    # a rerun reuses the finished rounds (no MCTS again) and gives the same round figures
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r2.returncode == 0 and "round 1 mcts" not in r2.stderr
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["round_2/solved_frac"] == res["round_2/solved_frac"]
