@@ -380,9 +380,10 @@ def solve_whole(gen, problems: list[dict], n: int, temperature: float, args: Arg
     return out
 
 
+# Copied from search.py:paired_interval
 def paired_interval(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and its 95% paired-bootstrap interval over problems."""
-    # Copied from search.py:paired_interval
+    """mean(a) - mean(b) over problems and its 95% interval from a paired bootstrap (problems resampled
+    with replacement, both methods on the same draw): whether a gap over majority is more than noise."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(d), size=(iters, len(d)))
     lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
@@ -537,7 +538,8 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
         per["pass"] = [float(any(x["correct"] for x in s)) for s in sols]
     for name, xs in per.items():
         res[f"{name}@{K}"] = float(np.mean(xs))
-    for a, b in (("ppm_mcts", "orm_bon"), ("orm_bon", "maj"), ("ppm_mcts", "pqm_mcts"), ("ppm_mcts", "maj")):
+    for a, b in (("ppm_mcts", "pqm_mcts"), ("pqm_mcts", "orm_bon"), ("orm_bon", "maj"), ("ppm_mcts", "orm_bon"),
+                 ("ppm_mcts", "maj")):
         if a in per and b in per:
             res[f"diff/{a}-{b}@{K}"] = list(paired_interval(per[a], per[b]))
     write_jsonl(out / "ablation_per_problem.jsonl", [{"problem": p["problem"], **{k: v[i] for k, v in per.items()}}
@@ -546,6 +548,8 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
 
 
 def main(args: Args) -> dict:
+    if args.uct not in ("rstar", "textbook"):
+        raise ValueError(f"--uct {args.uct!r}: rstar or textbook")
     seed_all(args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,8 +563,6 @@ def main(args: Args) -> dict:
         args.data, args.test_data = args.data or str(toy_dir / "train.jsonl"), args.test_data or str(toy_dir / "test.jsonl")
     if not (args.base and args.data and args.test_data):
         raise ValueError("--base, --data and --test_data are needed with --model")
-    if args.uct not in ("rstar", "textbook"):
-        raise ValueError(f"--uct {args.uct!r}: rstar or textbook")
     train = load_problems(args.data, args.n_train or None)
     test = load_problems(args.test_data, args.n_test or None)
     metrics = MetricsLog(out)
@@ -607,14 +609,15 @@ def report(res: dict, args: Args) -> str:
         lines.append(f"| {r} | {100 * res[f'round_{r}/solved_frac']:.1f}% | {100 * res[f'round_{r}/greedy_acc']:.1f}% "
                      f"| {ps}% | {pg}% |")
     K = args.eval_rollouts
-    lines += ["", f"| method @ {K} rollouts | accuracy | vs next row (95% interval) | paper (MATH) |", "|---|---|---|---|"]
+    lines += ["", f"| method @ {K} rollouts | accuracy | minus the next row (95% paired interval) | paper (MATH) |",
+              "|---|---|---|---|"]
     paper = {"ppm_mcts": 89.4, "pqm_mcts": 88.2, "orm_bon": 82.6, "maj": ""}
     nxt = {"ppm_mcts": "pqm_mcts", "pqm_mcts": "orm_bon", "orm_bon": "maj"}
     for m in ("ppm_mcts", "pqm_mcts", "orm_bon", "maj", "pass"):
         if f"{m}@{K}" not in res:
             continue
-        d = res.get(f"diff/{m}-{nxt.get(m)}@{K}") or (res.get(f"diff/ppm_mcts-orm_bon@{K}") if m == "pqm_mcts" else None)
-        ci = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d and m != "pqm_mcts" else ""
+        d = res.get(f"diff/{m}-{nxt.get(m)}@{K}")
+        ci = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else ""
         lines.append(f"| {m} | {100 * res[f'{m}@{K}']:.1f}% | {ci} | {paper.get(m, '')} |")
     return "\n".join(lines) + "\n"
 

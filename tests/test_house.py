@@ -35,6 +35,23 @@ def test_no_method_file_imports_another():
     assert not bad, "a method file (or utils/) imports a method file: move the shared piece to utils/\n" + "\n".join(bad)
 
 
+def test_marked_copies_stay_identical():
+    """A method file's `# Copied from other.py:name` function is the same source as the original."""
+    import ast
+    import re
+
+    def source_of(path: Path, name: str) -> str:
+        text = path.read_text()
+        node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name)
+        return ast.get_source_segment(text, node)
+
+    copies = [(p, m.group(1), m.group(2)) for p in ROOT.glob("*.py")
+              for m in re.finditer(r"^# Copied from (\w+\.py):(\w+)$", p.read_text(), re.M)]
+    assert copies, "no marked copy found (the check would be vacuous)"
+    for p, other, name in copies:
+        assert source_of(p, name) == source_of(ROOT / other, name), f"{p.name}:{name} differs from {other}"
+
+
 def test_the_checker_sees_a_cross_import(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from search import beam_search\n    import prm_train.sub\n")
@@ -73,7 +90,10 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path):
              (["eval.py", "--model", str(tiny_model_dir), "--data", str(bad)], "bad.jsonl:2: missing field"),
              (["search.py", "--model", str(tiny_model_dir), "--data", "math500", "--verifiers", f"p={tmp_path / 'nodir'}"],
               "verifier p: no dir"),
-             (["eval.py", "--verifier", str(tmp_path), "--processbench", "processbench_gsm8k"], "no verifier in")]
+             (["eval.py", "--verifier", str(tmp_path), "--processbench", "processbench_gsm8k"], "no verifier in"),
+             (["ppm.py", "--trees", str(tmp_path / "none.jsonl"), "--model", str(tiny_model_dir)], "No such file"),
+             (["rstar_mcts.py", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", "math500",
+               "--test_data", "math500", "--uct", "ucb"], "--uct 'ucb'")]
     for args, want in cases:
         r = _run(args, env={**os.environ, "STEPWISE_DEBUG": ""})
         err = r.stderr.strip().splitlines()
