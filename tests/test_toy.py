@@ -137,3 +137,21 @@ def test_build_toy_end_to_end(tmp_path):
     rows = [json.loads(l) for l in (out / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and {"problem", "answer", "steps"} <= set(rows[0])
     assert "| greedy_acc |" in r.stdout
+
+
+def test_code_solution_runs_to_the_answer_and_masks_the_output(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from utils.data import END_ANSWER, END_CODE, code_prompt, program_of
+    from utils.sandbox import run_many
+    rng = random.Random(5)
+    probs = [toy.make_problem(rng, rng.randint(1, 3)) for _ in range(20)]
+    sols = [toy.code_solution(p) for p in probs]  # no error modes: correct
+    assert all(s[0].startswith("<code>\n# ") and END_CODE in s[-3] and s[-1].endswith(END_ANSWER) for s in sols)
+    outs = run_many([program_of(s) for s in sols], timeout=5)
+    assert [o.stdout.strip() for o in outs] == [p["answer"] for p in probs]
+    assert all(s[-2] == f"\n<output>{p['answer']}\n<end_of_output>" for s, p in zip(sols, probs))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, labels = toy.code_row(probs[0], random.Random(0), tok, errors={})
+    text = tok.decode([i for i, y in zip(ids, labels) if y == -100])
+    assert text == code_prompt(probs[0]["problem"]) + sols[0][-2]  # prompt and the system's output: no loss

@@ -493,18 +493,24 @@ def ensure_toy(out_dir: str | Path | None = None, cfg: ToyConfig | None = None, 
     build while others started at the same time wait."""
     cfg = cfg or ToyConfig()
     out = Path(out_dir) if out_dir else default_cache_dir(cfg)
+    return _build_once(out, lambda: _build(out, cfg, backend, log), log)
+
+
+def _build_once(out: Path, build, log) -> Path:
+    """Run `build` unless out/calibration.json (written last) exists. Under torchrun rank 0 builds and the
+    other ranks wait; elsewhere a file lock lets one process build while the others wait."""
     if (out / "calibration.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 builds
-        log(f"rank {os.environ['RANK']}: waiting for rank 0 to build the toy world in {out}")
+        log(f"rank {os.environ['RANK']}: waiting for rank 0 to build {out}")
         while not (out / "calibration.json").exists():
             time.sleep(2.0)
         return out
     with open(out / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "calibration.json").exists():
-            _build(out, cfg, backend, log)
+            build()
     return out
 
 
@@ -565,14 +571,7 @@ def ensure_code_toy(toy_dir: str | Path, cfg: CodeToyConfig | None = None, log=f
     toy_dir = Path(toy_dir)
     key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     out = toy_dir / f"code-{key}"
-    if (out / "calibration.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "calibration.json").exists():
-            _build_code(toy_dir, out, cfg, log)
-    return out
+    return _build_once(out, lambda: _build_code(toy_dir, out, cfg, log), log)
 
 
 def _build_code(toy_dir: Path, out: Path, cfg: CodeToyConfig, log) -> None:
