@@ -28,6 +28,8 @@ Deviations:
      code's top-4 vote over 8 to 64 independent runs is not done.
   7. Toy-scale settings (TOY below) replace the paper's when --model is empty; the round-1 policy is the
      toy's bootstrap code policy (the paper's: DeepSeek-Coder-V2-Instruct 236B, few-shot).
+  8. SFT puts no loss on the system's output steps (the program's stdout is not the policy's to predict).
+  9. One process: no torchrun sharding of the problems (the original spreads trees over vLLM workers).
 
     python rstar_mcts.py                                   # toy world on CPU: 2 rounds, then the ablation
     python rstar_mcts.py --model bootstrap_dir --base Qwen2.5-Math-7B --data train.jsonl --test_data math500 \\
@@ -304,8 +306,13 @@ def _value_new(trees: list[Tree], fresh: list[tuple[int, Node]], verifier, grade
     verifier one visit of its value for each new non-terminal node."""
     if verifier is not None:
         scored = [(i, ch) for i, ch in fresh if ch.kind != "dead"]
-        vals = verifier.values([trees[i].problem["problem"] for i, _ in scored], [ch.steps() for _, ch in scored]) \
-            if scored else []
+        probs, steps = [trees[i].problem["problem"] for i, _ in scored], [ch.steps() for _, ch in scored]
+        if not scored:
+            vals = []
+        elif hasattr(verifier, "values"):  # kind ppm: tanh(raw / 5) in [-1, 1]
+            vals = verifier.values(probs, steps)
+        else:  # any other verifier kind: its last step's score in [0, 1], mapped onto [-1, 1]
+            vals = [2 * s[-1] - 1 if s else 0.0 for s in verifier.score(probs, steps)]
         stats["verifier_calls"] += len(scored)
         for (_, ch), v in zip(scored, vals):
             ch.value = v
