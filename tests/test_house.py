@@ -93,7 +93,9 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path):
              (["eval.py", "--verifier", str(tmp_path), "--processbench", "processbench_gsm8k"], "no verifier in"),
              (["ppm.py", "--trees", str(tmp_path / "none.jsonl"), "--model", str(tiny_model_dir)], "No such file"),
              (["rstar_mcts.py", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", "math500",
-               "--test_data", "math500", "--uct", "ucb"], "--uct 'ucb'")]
+               "--test_data", "math500", "--uct", "ucb"], "--uct 'ucb'"),
+             (["pav.py", "--model", str(tiny_model_dir), "--data", "math500", "--eval_data", "math500", "--n_mc", "2",
+               "--ks", "1,4"], "--n_mc 2 < the largest K 4")]
     for args, want in cases:
         r = _run(args, env={**os.environ, "STEPWISE_DEBUG": ""})
         err = r.stderr.strip().splitlines()

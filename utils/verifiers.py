@@ -17,6 +17,9 @@ Kinds (KINDS below; each method file that trains a verifier adds its kind here a
           verifier.json names beta and the reference model dir.
   ppm     ppm.py's process preference model (and its pqm / orm ablations): a scalar value head on a causal
           LM, read at the end of each step; score (tanh(raw / 5) + 1) / 2, `values()` gives tanh(raw / 5).
+  pav     pav.py's process advantage verifier: value heads Q^pi and Q^mu (best-of-K of the policy) per
+          prefix; a step's effective reward Q^pi + alpha * (Q^mu_h - Q^mu_{h-1}), `effective()` raw, `score`
+          mapped to [0, 1]; pav.py's ORM is the same model with the one head q_pi.
   oracle  the toy checker: 1 for each step before the first wrong one, 0 from it on (an upper bound).
 Public PRM formats load without a verifier.json: the format is detected from the config and tokenizer,
 or given as `fmt` (`--verifier_format`):
@@ -375,21 +378,23 @@ class ImplicitVerifier:
 
 
 class ValueHeadLM(torch.nn.Module):
-    """A causal LM's transformer with a scalar head on the last hidden state (rStar-Math's PPM): dropout 0.1,
-    then Linear(hidden, 1) initialised near 0 (weights N(5e-7, 1e-6), bias 1e-6, as the code). forward
-    returns the raw score at each (tag_b, tag_t) position, shape (N,)."""
+    """A causal LM's transformer with a linear head on the last hidden state (rStar-Math's PPM: one output;
+    pav.py's PAV: one logit per value it predicts): dropout 0.1, then Linear(hidden, outputs) initialised near
+    0 (weights N(5e-7, 1e-6), bias 1e-6, as rStar's code). forward returns the raw head at each (tag_b, tag_t)
+    position: shape (N,) for one output, (N, outputs) for more."""
 
-    def __init__(self, model, dropout: float = 0.1):
+    def __init__(self, model, dropout: float = 0.1, outputs: int = 1):
         super().__init__()
         self.model = model
         self.dropout = torch.nn.Dropout(dropout)
-        self.head = torch.nn.Linear(model.config.hidden_size, 1)
+        self.head = torch.nn.Linear(model.config.hidden_size, outputs)
         torch.nn.init.normal_(self.head.weight, mean=5e-7, std=1e-6)
         torch.nn.init.constant_(self.head.bias, 1e-6)
 
     def forward(self, ids, mask, tag_b, tag_t):
         h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[tag_b, tag_t]  # (N, H)
-        return self.head(self.dropout(h.to(self.head.weight.dtype))).squeeze(-1)  # (N,)
+        out = self.head(self.dropout(h.to(self.head.weight.dtype)))  # (N, outputs)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -401,8 +406,9 @@ class ValueHeadLM(torch.nn.Module):
     def load(cls, path: str | Path, dtype=torch.float32) -> "ValueHeadLM":
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
-        m = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
-        m.head.load_state_dict(load_file(str(Path(path) / "value_head.safetensors")))
+        head = load_file(str(Path(path) / "value_head.safetensors"))
+        m = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), outputs=head["weight"].shape[0])
+        m.head.load_state_dict(head)
         return m.to(dtype)
 
 
@@ -445,6 +451,74 @@ class PPMVerifier:
         return self.score(problems, steps_lists)
 
 
+def prefix_positions(tok, problem: str, steps: list[str], meta: dict, max_len: int = 4096) -> tuple[list[int], list[int]]:
+    """(ids, positions): encode()'s ids, read at the prompt's last token (prefix 0, the question alone) and
+    then at each step's tag (prefix h = the first h steps)."""
+    ids, tags = encode(tok, problem, steps, meta, max_len)
+    return ids, [len(prompt_ids(tok, problem, meta)) - 1] + tags
+
+
+class PAVVerifier:
+    """Kind `pav` (pav.py): a ValueHeadLM whose heads are logits of prefix values, read at the prompt's last
+    token and at each step's tag; verifier.json names them (`heads`: "q_pi", the base policy's success
+    probability, and "q_mu@K", best-of-K's) and sets `prover_k` and `alpha`. A step's effective reward is
+    Q^pi_h + alpha * A^mu_h, with the progress A^mu_h = Q^mu_h - Q^mu_{h-1} (Q^mu_0: the question alone).
+    `score` maps it to [0, 1] as (r + alpha) / (1 + 2 alpha) (same order); a dir with the one head "q_pi"
+    (pav.py's ORM) scores sigma(q_pi). `alpha` and `prover_k` given to the loader override verifier.json's."""
+    kind = "pav"
+
+    def __init__(self, model: ValueHeadLM, tok, meta: dict, batch_tokens: int = 16384, max_len: int = 4096,
+                 alpha: float | None = None, prover_k: int | None = None):
+        self.model, self.tok, self.meta = model.eval(), tok, {**PRM_DEFAULTS, **meta}
+        self.heads = list(self.meta["heads"])
+        self.alpha = float(self.meta.get("alpha", 0.5) if alpha is None else alpha)
+        self.prover_k = int(self.meta.get("prover_k", 4) if prover_k is None else prover_k)
+        self.batch_tokens, self.max_len, self.tokens = batch_tokens, max_len, 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def prefix_values(self, problems: list[str], steps_lists: list[list[str]]) -> list[dict[str, list[float]]]:
+        """Per solution, {head: [value of prefix 0, 1, ..., H]} (probabilities; prefixes past max_len repeat
+        the last value that fit)."""
+        dev = next(self.model.parameters()).device
+        ex = [dict(zip(("ids", "tags"), prefix_positions(self.tok, p, s, self.meta, self.max_len)), i=i)
+              for i, (p, s) in enumerate(zip(problems, steps_lists))]
+        self.tokens += sum(len(e["ids"]) for e in ex)
+        out: list[list] = [[] for _ in problems]
+        for batch in make_batches(ex, self.batch_tokens, random.Random(0)):
+            ids, mask, tb, tt, _ = collate(batch, self.pad, dev)
+            v = torch.sigmoid(self.model(ids, mask, tb, tt).float()).reshape(len(tt), -1).tolist()  # (N, heads)
+            k = 0
+            for e in batch:
+                out[e["i"]] = v[k: k + len(e["tags"])]
+                k += len(e["tags"])
+        return [{h: [r[j] for r in (o + o[-1:] * (len(s) + 1))[: len(s) + 1]] for j, h in enumerate(self.heads)}
+                for o, s in zip(out, steps_lists)]
+
+    def effective(self, problems: list[str], steps_lists: list[list[str]], alpha: float | None = None,
+                  prover_k: int | None = None) -> list[list[float]]:
+        """Per step h = 1..H: Q^pi_h + alpha * (Q^mu_h - Q^mu_{h-1})."""
+        a = self.alpha if alpha is None else alpha
+        mu = f"q_mu@{self.prover_k if prover_k is None else prover_k}"
+        out = []
+        for v in self.prefix_values(problems, steps_lists):
+            q, m = v["q_pi"], v.get(mu)
+            out.append([q[h] + (a * (m[h] - m[h - 1]) if m else 0.0) for h in range(1, len(q))])
+        return out
+
+    def score(self, problems: list[str], steps_lists: list[list[str]]) -> list[list[float]]:
+        a = self.alpha if f"q_mu@{self.prover_k}" in self.heads else 0.0
+        return [[(r + a) / (1 + 2 * a) for r in e] for e in self.effective(problems, steps_lists)]
+
+    def score_shared(self, problems, steps_lists, shared):
+        return self.score(problems, steps_lists)
+
+
+def _load_pav_kind(path: Path, meta: dict, device, **kw) -> PAVVerifier:
+    from transformers import AutoTokenizer
+    return PAVVerifier(ValueHeadLM.load(path).to(device), AutoTokenizer.from_pretrained(str(path)), meta, **kw)
+
+
 def _load_ppm_kind(path: Path, meta: dict, device, **kw) -> PPMVerifier:
     from transformers import AutoTokenizer
     return PPMVerifier(ValueHeadLM.load(path).to(device), AutoTokenizer.from_pretrained(str(path)), meta, **kw)
@@ -464,7 +538,7 @@ def _load_prm_kind(path: Path, meta: dict, device, **kw) -> PRMVerifier:
     return PRMVerifier(prm.to(device), tok, meta, **kw)
 
 
-KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind, "ppm": _load_ppm_kind}  # kind -> loader(path, meta, device, **options)
+KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind, "ppm": _load_ppm_kind, "pav": _load_pav_kind}  # kind -> loader(path, meta, device, **options)
 
 
 def detect_format(path: Path) -> str:

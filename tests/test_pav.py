@@ -1,0 +1,155 @@
+"""pav.py: the pass@K prover values, progress, effective reward, RLOO weights by hand; A^mu on a synthetic
+Bernoulli tree against its exact value; the pav verifier kind; end to end on the tiny toy."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pav
+from utils.verifiers import PAVVerifier, ValueHeadLM, load_verifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pass_at_k_by_hand():
+    assert pav.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pav.pass_at_k(4, 0, 2) == 0.0 and pav.pass_at_k(4, 4, 2) == 1.0
+    assert pav.pass_at_k(4, 3, 2) == 1.0  # n - c = 1 < k: every pair holds a right one
+    assert pav.pass_at_k(16, 5, 1) == pytest.approx(5 / 16)  # K = 1 is Q^pi itself
+    assert pav.pass_at_k(8, 2, 4) == pytest.approx(1 - math.comb(6, 4) / math.comb(8, 4))  # 1 - 15/70
+    with pytest.raises(ValueError, match="n_mc"):
+        pav.pass_at_k(2, 1, 4)
+
+
+def test_prefix_targets_progress_and_effective_reward_by_hand():
+    t = pav.prefix_targets([2, 3], 4, 1.0, [1, 2])
+    assert t["q_pi"] == pytest.approx([0.5, 0.75, 1.0]) and t["q_mu@1"] == pytest.approx(t["q_pi"])
+    assert t["q_mu@2"] == pytest.approx([1 - 1 / 6, 1.0, 1.0])  # C(2,2)/C(4,2) = 1/6; n - c = 1 < 2
+    assert pav.progress(t["q_mu@2"]) == pytest.approx([1 / 6, 0.0])
+    # Q^pi_h + 0.5 * A^mu_h: 0.75 + 0.5/6, 1.0 + 0
+    assert pav.effective_reward(t["q_pi"], t["q_mu@2"], 0.5) == pytest.approx([0.75 + 0.5 / 6, 1.0])
+    assert pav.effective_reward(t["q_pi"], t["q_mu@2"], 0.0) == pytest.approx(t["q_pi"][1:])  # alpha 0: the Q^pi beam
+    t0 = pav.prefix_targets([0], 4, 0.0, [4])  # a wrong one-step solution from a hopeless question
+    assert t0["q_mu@4"] == [0.0, 0.0]
+
+
+def test_rloo_and_step_weights_by_hand():
+    assert pav.rloo([1, 0, 0, 1], 4) == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert pav.rloo([1, 1, 0, 1, 0, 0], 3) == pytest.approx([0.5, 0.5, -1.0, 1.0, -0.5, -0.5])
+    # tokens of steps 0, 0, 1, 1, 1: 0.5 + 3 * 0.1 and 0.5 + 3 * (-0.2)
+    assert pav.step_weights([0, 0, 1, 1, 1], 0.5, [0.1, -0.2], 3.0) == pytest.approx([0.8, 0.8, -0.1, -0.1, -0.1])
+    assert pav.step_weights([0, 1], 0.5, [], 3.0) == [0.5, 0.5]  # no steps scored: the outcome advantage
+    assert pav._token_steps(5, [2, 5]) == [0, 0, 1, 1, 1]
+
+
+def test_diagnostics_and_samples_to_reach():
+    assert pav.distinguishability([1.0, -1.0]) == pytest.approx(1.0)
+    assert pav.alignment([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert pav.alignment([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert math.isnan(pav.alignment([0.0, 0.0], [1.0, 2.0]))
+    assert pav.samples_to_reach([(64, 0.40), (128, 0.45), (192, 0.50)], 0.45) == 128
+    assert pav.samples_to_reach([(64, 0.40)], 0.45) is None
+
+
+def test_estimated_advantage_matches_exact_on_a_bernoulli_tree():
+    """From the question, pi's first step is good (p 0.6: then each rollout is right with 0.7) or bad (right with
+    0.1). Exact: V^pi(q) = 0.46; Q^BoK = 1 - (1 - Q^pi)^K; A^mu(good) = 0.54^K - 0.3^K. The estimate: m = 16
+    MC rollouts per prefix through pass_at_k, as pav.collect does, averaged over replicates."""
+    rng, m, K, reps = np.random.default_rng(0), 16, 4, 4000
+    exact_good = (1 - 0.3 ** K) - (1 - 0.54 ** K)
+    exact_bad = (1 - 0.9 ** K) - (1 - 0.54 ** K)
+    est_good, est_bad = [], []
+    for _ in range(reps):
+        first = rng.random(m) < 0.6  # rollouts from the question: first step, then the outcome
+        c0 = int((rng.random(m) < np.where(first, 0.7, 0.1)).sum())
+        c_good, c_bad = int((rng.random(m) < 0.7).sum()), int((rng.random(m) < 0.1).sum())
+        est_good.append(pav.progress([pav.pass_at_k(m, c0, K), pav.pass_at_k(m, c_good, K)])[0])
+        est_bad.append(pav.progress([pav.pass_at_k(m, c0, K), pav.pass_at_k(m, c_bad, K)])[0])
+    assert np.mean(est_good) == pytest.approx(exact_good, abs=0.01)
+    assert np.mean(est_bad) == pytest.approx(exact_bad, abs=0.01)
+    assert exact_bad < 0 < exact_good
+
+
+def test_steps_of_tokens(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("1 + 2 = 3.\n\nThe answer is 3.", add_special_tokens=False)
+    of = pav.cut_steps(tok, ids)
+    assert of[: len("1 + 2 = 3.\n\n")] == [0] * len("1 + 2 = 3.\n\n") and set(of[len("1 + 2 = 3.\n\n"):]) == {1}
+    steps, ends = pav.step_spans(tok, ids)
+    assert steps == ["1 + 2 = 3.", "The answer is 3."] and ends == [len("1 + 2 = 3.\n\n"), len(ids)]
+
+
+def test_pav_verifier_kind(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    m = ValueHeadLM(AutoModelForCausalLM.from_pretrained(tiny_model_dir), outputs=3)
+    torch.nn.init.normal_(m.head.weight, std=0.5)
+    m.save(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    heads = ["q_pi", "q_mu@1", "q_mu@4"]
+    (tmp_path / "verifier.json").write_text(json.dumps({"kind": "pav", "heads": heads, "prover_k": 4, "alpha": 0.5,
+                                                        "step_tag": "\n\n"}))
+    v = load_verifier(str(tmp_path), device="cpu")
+    assert isinstance(v, PAVVerifier) and v.model.head.out_features == 3
+    probs, steps = ["Ana has 3 coins."], [["3 + 1 = 4.", "The answer is \\boxed{4}."]]
+    pv = v.prefix_values(probs, steps)[0]
+    assert set(pv) == set(heads) and all(len(x) == 3 for x in pv.values())  # prefixes 0, 1, 2
+    eff = v.effective(probs, steps)[0]
+    want = [pv["q_pi"][h] + 0.5 * (pv["q_mu@4"][h] - pv["q_mu@4"][h - 1]) for h in (1, 2)]
+    assert eff == pytest.approx(want)
+    assert v.effective(probs, steps, alpha=0.0)[0] == pytest.approx(pv["q_pi"][1:])
+    assert v.score(probs, steps)[0] == pytest.approx([(r + 0.5) / 2 for r in eff])
+    assert all(0.0 <= s <= 1.0 for s in v.score(probs, steps)[0])
+    v2 = load_verifier(str(tmp_path), device="cpu", alpha=2.0, prover_k=1)  # overrides verifier.json
+    assert v2.effective(probs, steps)[0] == pytest.approx(
+        [pv["q_pi"][h] + 2.0 * (pv["q_mu@1"][h] - pv["q_mu@1"][h - 1]) for h in (1, 2)])
+
+
+def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
+    out = tmp_path / "pav"
+    cmd = [sys.executable, "pav.py", "--out_dir", str(out), "--model", str(tiny_toy_dir / "policy"),
+           "--data", str(tiny_toy_dir / "train.jsonl"), "--eval_data", str(tiny_toy_dir / "test.jsonl"),
+           "--backend", "hf", "--max_new_tokens", "60", "--n_problems", "12", "--n_cov", "1", "--n_mc", "4",
+           "--ks", "1,2,4", "--epochs", "2", "--lr", "1e-3", "--batch_tokens", "2048", "--max_len", "512",
+           "--ns", "1,2,4", "--search_ns", "4", "--max_depth", "3", "--n_test", "6", "--rl_steps", "2",
+           "--rl_prompts", "4", "--rl_eval_every", "1", "--rl_eval_samples", "2", "--rl_lr", "1e-3", "--seeds", "0,1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    s = res
+    for k in ("pav_beam@4", "qpi_beam@4", "orm_bon@4", "orm_bon@1", "maj@4"):
+        assert 0.0 <= s[k] <= 1.0 and s[f"tokens/{k}"] > 0, k
+    for k in ("rl/pav_final_acc", "rl/outcome_final_acc"):
+        assert 0.0 <= res[k] <= 1.0
+    assert "rl/sample_efficiency_ratio" in res and len(res["rl"]["pav_final_seeds"]) == 2
+    assert [row["K"] for row in res["k_sweep"]] == [1, 2, 4]
+    assert all({"distinguishability", "alignment", "rl_gain"} <= set(row) for row in res["k_sweep"])
+    assert res["k_sweep"][0]["alignment"] == pytest.approx(1.0) or math.isnan(res["k_sweep"][0]["alignment"])
+    rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(len(r["c"]) == len(r["steps"]) and r["m"] == 4 for r in rows)
+    assert res["data"]["policy_samples"] == 12 + 4 * res["data_prefixes"]  # one seed each + n_mc per prefix
+    losses = [json.loads(x)["train/loss"] for x in (out / "pav" / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in x]
+    assert losses and all(math.isfinite(x) for x in losses)
+    v = load_verifier(str(out / "pav"), device="cpu")
+    assert v.heads == ["q_pi", "q_mu@1", "q_mu@2", "q_mu@4"] and v.prover_k == 4
+    assert len(v.score(["Ana has 3 coins. How many coins does Ana have now?"], [["3 + 0 = 3.", "x"]])[0]) == 2
+    for d in ("outcome_seed0", "pav4_seed1", "pav1_seed0", "pav2_seed0"):
+        assert (out / "rl" / d / "curve.json").exists(), d
+    # a rerun reuses every stage: no sampling, same figures
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r2.returncode == 0 and "PAV training" not in r2.stderr and "RL outcome" not in r2.stderr
+    assert json.loads((out / "results.json").read_text())["rl/pav_final_acc"] == res["rl/pav_final_acc"]
+
+
+def test_auc_by_hand():
+    assert pav.auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert pav.auc([0.1, 0.8, 0.9], [1, 1, 0]) == 0.0
+    assert pav.auc([0.5, 0.2, 0.5, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)  # pairs: (.5,.2) 1, (.5,.5) .5, (.9,*) 2 of 4 = 3.5/4
+    assert math.isnan(pav.auc([0.1, 0.2], [1, 1]))
