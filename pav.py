@@ -23,7 +23,8 @@ No public code exists; defaults the paper states are marked (paper), the note's 
      pi the prover's value falls along a trajectory, and the uncentred reward pushes down every sampled token.
   4. The ORM baseline is a value head trained here on every complete rollout the data stage sampled (seed
      and Monte-Carlo rollouts, 0/1 outcomes): as many policy samples as the PAV's data, more sequences.
-  5. One process: no torchrun (data, training, search and RL run on one device).
+  5. One process: no torchrun (data, training, search and RL run on one device). --backend vllm serves the
+     data and search stages; RL samples with HF from the trained module itself (no weight sync).
   6. Toy-scale settings (TOY below) replace the defaults when --model is empty.
 
     python pav.py                                                      # toy world on CPU, about 30 minutes
