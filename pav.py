@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.data import build_prompt, load_problems, read_jsonl, split_steps, write_jsonl
+from utils.data import STEP_SEP, build_prompt, load_problems, read_jsonl, split_steps, step_spans, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade, is_equiv
 from utils.train import MetricsLog, run_main, seed_all, token_logprobs, write_json
-from utils.verifiers import (AnswerGroups, PAVVerifier, ValueHeadLM, collate, make_batches, majority,
+from utils.verifiers import (AnswerGroups, PAVVerifier, ValueHeadLM, auc, collate, make_batches, majority,
                              prefix_positions)
 
-SEP = "\n\n"
+SEP = STEP_SEP
 
 
 @dataclass
@@ -159,42 +159,6 @@ def alignment(a_mu: list[float], a_pi: list[float]) -> float:
     if len(a_mu) < 2 or np.std(a_mu) == 0 or np.std(a_pi) == 0:
         return float("nan")
     return float(np.corrcoef(a_mu, a_pi)[0, 1])
-
-
-def cut_steps(tok, ids: list[int]) -> list[int]:
-    """The step of each token: how many separators the text before it completes (a separator's tokens end
-    their step)."""
-    out, text, done = [], "", 0
-    for t in ids:
-        out.append(done)
-        text += tok.decode([t], skip_special_tokens=True)
-        done = len([p for p in text.split(SEP)[:-1] if p.strip()])
-    return out
-
-
-def step_spans(tok, ids: list[int]) -> tuple[list[str], list[int]]:
-    """(step texts, the token index where each step ends) of a response's ids."""
-    of = cut_steps(tok, ids)
-    ends = [j + 1 for j in range(len(ids)) if j + 1 == len(ids) or of[j + 1] != of[j]]
-    steps, start = [], 0
-    for e in ends:
-        steps.append(tok.decode(ids[start:e], skip_special_tokens=True).strip())
-        start = e
-    keep = [i for i, s in enumerate(steps) if s]
-    return [steps[i] for i in keep], [ends[i] for i in keep]
-
-
-def auc(scores: list[float], labels: list[float]) -> float:
-    """P(score of a right sample > score of a wrong one), ties half (the ROC AUC)."""
-    s, y = np.asarray(scores, dtype=float), np.asarray(labels) > 0.5
-    if y.all() or not y.any():
-        return float("nan")
-    ranks = np.empty(len(s))
-    order = np.argsort(s, kind="mergesort")
-    ranks[order] = np.arange(1, len(s) + 1)
-    for v in np.unique(s):  # average ranks of ties
-        ranks[s == v] = ranks[s == v].mean()
-    return float((ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
 
 
 def samples_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

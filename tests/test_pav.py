@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import pav
-from utils.verifiers import PAVVerifier, ValueHeadLM, load_verifier
+from utils.data import cut_steps, step_spans
+from utils.verifiers import PAVVerifier, ValueHeadLM, auc, load_verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,9 +80,9 @@ def test_steps_of_tokens(tiny_model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok.encode("1 + 2 = 3.\n\nThe answer is 3.", add_special_tokens=False)
-    of = pav.cut_steps(tok, ids)
+    of = cut_steps(tok, ids)
     assert of[: len("1 + 2 = 3.\n\n")] == [0] * len("1 + 2 = 3.\n\n") and set(of[len("1 + 2 = 3.\n\n"):]) == {1}
-    steps, ends = pav.step_spans(tok, ids)
+    steps, ends = step_spans(tok, ids)
     assert steps == ["1 + 2 = 3.", "The answer is 3."] and ends == [len("1 + 2 = 3.\n\n"), len(ids)]
 
 
@@ -149,7 +150,7 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
 
 
 def test_auc_by_hand():
-    assert pav.auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
-    assert pav.auc([0.1, 0.8, 0.9], [1, 1, 0]) == 0.0
-    assert pav.auc([0.5, 0.2, 0.5, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)  # pairs: (.5,.2) 1, (.5,.5) .5, (.9,*) 2 of 4 = 3.5/4
-    assert math.isnan(pav.auc([0.1, 0.2], [1, 1]))
+    assert auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert auc([0.1, 0.8, 0.9], [1, 1, 0]) == 0.0
+    assert auc([0.5, 0.2, 0.5, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)  # pairs: (.5,.2) 1, (.5,.5) .5, (.9,*) 2 of 4 = 3.5/4
+    assert math.isnan(auc([0.1, 0.2], [1, 1]))

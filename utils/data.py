@@ -98,6 +98,29 @@ def join_steps(steps: list[str]) -> str:
     return STEP_SEP.join(steps)
 
 
+def cut_steps(tok, ids: list[int]) -> list[int]:
+    """The step of each token: how many separators the text before it completes (a separator's tokens end
+    their step)."""
+    out, text, done = [], "", 0
+    for t in ids:
+        out.append(done)
+        text += tok.decode([t], skip_special_tokens=True)
+        done = len([p for p in text.split(STEP_SEP)[:-1] if p.strip()])
+    return out
+
+
+def step_spans(tok, ids: list[int]) -> tuple[list[str], list[int]]:
+    """(step texts, the token index where each step ends) of a response's ids."""
+    of = cut_steps(tok, ids)
+    ends = [j + 1 for j in range(len(ids)) if j + 1 == len(ids) or of[j + 1] != of[j]]
+    steps, start = [], 0
+    for e in ends:
+        steps.append(tok.decode(ids[start:e], skip_special_tokens=True).strip())
+        start = e
+    keep = [i for i, s in enumerate(steps) if s]
+    return [steps[i] for i in keep], [ends[i] for i in keep]
+
+
 # ----------------------------------------------------------------------------- code-augmented CoT (rStar-Math)
 # A solution is one Python program cut into steps: "# reasoning" comments plus code, each step ending in a stop
 # tag; the last code step prints the answer and ends in END_CODE; the system appends the program's output

@@ -654,6 +654,20 @@ def weighted_vote(answers: list, scores: list[float], groups: AnswerGroups):
     return max(votes, key=votes.get) if votes else None
 
 
+def auc(scores: list[float], labels: list[float]) -> float:
+    """P(score of a right sample > score of a wrong one), ties half (the ROC AUC)."""
+    import numpy as np
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels) > 0.5
+    if y.all() or not y.any():
+        return float("nan")
+    ranks = np.empty(len(s))
+    order = np.argsort(s, kind="mergesort")
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(s):  # average ranks of ties
+        ranks[s == v] = ranks[s == v].mean()
+    return float((ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
+
+
 def first_error_prediction(scores: list[float], threshold: float) -> int:
     """ProcessBench's reading: the first step scored below the threshold, or -1."""
     return next((i for i, p in enumerate(scores) if p < threshold), -1)
