@@ -14,8 +14,8 @@ ProcessBench (toy-policy samples labelled by the exact checker) with an "every s
 
     python eval.py                                          # toy: policy on the toy test split (+ toy PRM)
     python eval.py --model DIR --data math500,gsm8k_test --n_samples 16 --k 1,4,16 --temperature 0.7 --out_dir OUT
-    python eval.py --verifier runs/prm/mc --processbench processbench_gsm8k,processbench_math --out_dir OUT
-    python eval.py --verifier runs/prm/mc --rerank OUT/math500/samples.jsonl --k 1,4,16
+    python eval.py --verifier runs/prm/exact --processbench processbench_gsm8k,processbench_math --out_dir OUT
+    python eval.py --verifier runs/prm/exact --rerank OUT/math500/samples.jsonl --k 1,4,16
     python eval.py --compare runs/eval_a,runs/eval_b
     torchrun --nproc_per_node 8 eval.py --model DIR --data math500  # each rank a slice, rank 0 merges
 """
@@ -36,26 +36,26 @@ from utils.data import build_prompt, load_problems, read_jsonl, resolve_data, sp
 from utils.grader import extract_answer, is_equiv
 from utils.train import run_main, setup_dist, write_json
 from utils.verifiers import (AnswerGroups, aggregate, best_of_n, first_error_prediction, load_verifier,
-                             processbench_f1, weighted_vote)
+                             processbench_f1, split_format, weighted_vote)
 
 
 @dataclass
 class Args:
     model: str = field(default="", metadata={"help": "policy to evaluate (HF dir or hub id); empty: the toy policy"})
     data: str = field(default="", metadata={"help": "comma list of benchmark JSONL paths or data/ names (default: toy test)"})
-    limit: int = field(default=0, metadata={"help": "first n problems of each benchmark (0: all)"})
+    n_problems: int = field(default=0, metadata={"help": "first n problems of each benchmark (0: all)"})
     n_samples: int = field(default=1, metadata={"help": "samples per problem (n of pass@k)"})
     k: str = field(default="1", metadata={"help": "comma list of k for pass@k and maj@k (k <= n)"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy (Qwen2.5-Math's pass@1 protocol)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    max_tokens: int = field(default=2048, metadata={"help": "max generated tokens per sample"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "max generated tokens per sample"})
     chat: bool = field(default=False, metadata={"help": "chat template with the Qwen2.5-Math system prompt"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
     tensor_parallel: int = field(default=1, metadata={"help": "vLLM tensor parallel size (large models)"})
     batch_problems: int = field(default=64, metadata={"help": "problems per generation batch (the unit a kill can lose)"})
-    verifier: str = field(default="", metadata={"help": "verifier dir (utils/verifiers.py) or oracle, for ProcessBench / reranking"})
-    verifier_format: str = field(default="", metadata={"help": "format of a verifier dir without verifier.json: "
-                                                               "qwen-prm | math-shepherd | trl (default: detected)"})
+    verifier: str = field(default="", metadata={"help": "verifier dir (utils/verifiers.py; DIR:FORMAT for a public PRM "
+                                                        "without verifier.json) or oracle, for ProcessBench / reranking"})
+    verifier_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     processbench: str = field(default="", metadata={"help": "comma list of ProcessBench JSONL files or names"})
     threshold: float = field(default=0.5, metadata={"help": "ProcessBench: first step scored below this is the error"})
     rerank: str = field(default="", metadata={"help": "a samples.jsonl written by this script, reranked with --verifier"})
@@ -67,8 +67,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
-TOY = dict(n_samples=16, k="1,4,16", temperature=1.0, max_tokens=200, backend="hf", toy_processbench=500,
-           verifier="runs/prm/mc")
+TOY = dict(n_samples=16, k="1,4,16", temperature=1.0, max_new_tokens=200, backend="hf", toy_processbench=500,
+           verifier="runs/prm/exact")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -151,7 +151,7 @@ def eval_benchmark(gen, name: str, problems: list[dict], args: Args, dist, out: 
         idx = todo[s: s + args.batch_problems]
         prompts = [build_prompt(problems[i]["problem"], tok, args.chat) for i in idx]
         outs = gen.sample([tok.encode(p, add_special_tokens=False) for p in prompts], n=args.n_samples,
-                          temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                           seed=args.seed + idx[0])
         rows = []
         for i, p, o in zip(idx, prompts, outs):
@@ -289,13 +289,13 @@ def main(args: Args):
         args.model, args.data = str(tdir / "policy"), args.data or str(tdir / "test.jsonl")
     results = {}
 
-    # 1. policy on benchmarks
+    # 1. policy on benchmarks (every file read, and every row checked, before the model loads)
     if args.model and args.data:
         from utils.generation import load_backend
+        benches = {name: load_problems(name, args.n_problems or None) for name in args.data.split(",")}
         kw = {"tensor_parallel_size": args.tensor_parallel} if args.tensor_parallel > 1 else {}
         gen = load_backend(args.model, backend=args.backend, **kw)
-        for name in args.data.split(","):
-            problems = load_problems(name, args.limit or None)
+        for name, problems in benches.items():
             bench = Path(name).stem if name.endswith(".jsonl") else name
             res = eval_benchmark(gen, bench, problems, args, dist, out)
             if res is not None:
@@ -307,7 +307,7 @@ def main(args: Args):
             pb_path = out / "toy_processbench.jsonl"
             if not pb_path.exists():
                 test = read_jsonl(tdir / "test.jsonl")[: args.toy_processbench]
-                write_jsonl(pb_path, toy_processbench(gen, test, args.chat, 1.0, args.max_tokens, args.seed))
+                write_jsonl(pb_path, toy_processbench(gen, test, args.chat, 1.0, args.max_new_tokens, args.seed))
         del gen
     if not dist.main:
         if dist.on:
@@ -319,7 +319,7 @@ def main(args: Args):
     if args.processbench:
         if not args.verifier:
             raise ValueError("--processbench needs --verifier")
-        fn = load_verifier(args.verifier, fmt=args.verifier_format)
+        fn = load_verifier(args.verifier, dtype=args.verifier_dtype)
         for name in args.processbench.split(","):
             rows = read_jsonl(resolve_data(name), required=("problem", "steps", "label"))
             split = Path(name).stem.replace("processbench_", "")
@@ -330,8 +330,8 @@ def main(args: Args):
     if toy and (out / "toy_processbench.jsonl").exists():
         rows = read_jsonl(out / "toy_processbench.jsonl")
         fns = {"all_correct": AllCorrect(), "oracle": load_verifier("oracle")}
-        if args.verifier and Path(args.verifier).is_dir():
-            fns["prm"] = load_verifier(args.verifier, fmt=args.verifier_format)
+        if args.verifier and Path(split_format(args.verifier)[0]).is_dir():
+            fns["prm"] = load_verifier(args.verifier, dtype=args.verifier_dtype)
         for who, fn in fns.items():
             pb[f"toy/{who}"] = processbench_eval(fn, rows, (args.threshold,))[f"{args.threshold}"]
             print(f"toy ProcessBench, {who}: F1 {pb[f'toy/{who}']['f1']:.3f}", flush=True)
@@ -341,7 +341,7 @@ def main(args: Args):
     if args.rerank:
         if not args.verifier:
             raise ValueError("--rerank needs --verifier")
-        results["rerank"] = rerank(args.rerank, load_verifier(args.verifier, fmt=args.verifier_format),
+        results["rerank"] = rerank(args.rerank, load_verifier(args.verifier, dtype=args.verifier_dtype),
                                    [int(x) for x in args.k.split(",")], args.agg)
         print(results["rerank"])
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from utils.data import STEP_SEP, build_prompt, load_problems, read_jsonl, split_steps, step_spans, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade, is_equiv
-from utils.train import MetricsLog, run_main, seed_all, token_logprobs, write_json
+from utils.train import MetricsLog, amp, run_main, seed_all, token_logprobs, write_json
 from utils.verifiers import (AnswerGroups, PAVVerifier, ValueHeadLM, auc, collate, make_batches, majority,
                              prefix_positions)
 
@@ -70,7 +70,7 @@ class Args:
     ks: str = field(default="1,2,4,8,16", metadata={"help": "provers of the K sweep; each a head of the PAV (deviation 1)"})
     n_problems: int = field(default=0, metadata={"help": "training problems for the PAV data (0: all)"})
     n_cov: int = field(default=2, metadata={"help": "seed rollouts of pi per problem (paper, unverified: 2)"})
-    n_mc: int = field(default=32, metadata={"help": "pi-rollouts per prefix, >= max K (paper, unverified: n_mc/n_cov ~ 16)"})
+    mc_rollouts: int = field(default=32, metadata={"help": "pi-rollouts per prefix, >= max K (paper, unverified: n_mc/n_cov ~ 16)"})
     # PAV and ORM training
     epochs: int = field(default=1, metadata={"help": "PAV: passes over the data (ours)"})
     orm_epochs: int = field(default=1, metadata={"help": "ORM: passes over its data, the complete rollouts (ours)"})
@@ -85,7 +85,7 @@ class Args:
     search_ns: str = field(default="4,8,16,32", metadata={"help": "budgets N (beams) of beam search, >= beam_width"})
     beam_width: int = field(default=4, metadata={"help": "M: expansions per kept beam (ours; search-and-learn: 4)"})
     max_depth: int = field(default=40, metadata={"help": "step iterations before a beam is sampled to the end"})
-    n_test: int = field(default=500, metadata={"help": "test problems of search and RL evaluation (0: all)"})
+    n_eval_problems: int = field(default=500, metadata={"help": "test problems of search and RL evaluation (0: all)"})
     # RL
     alpha_rl: float = field(default=3.0, metadata={"help": "alpha_rl: weight of A^mu in the RL step reward (paper, unverified: 3-5)"})
     rl_center: bool = field(default=True, metadata={"help": "subtract the batch's mean A^mu from every step's (a constant "
@@ -99,12 +99,14 @@ class Args:
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds of PAV-RL and outcome-only RL (K sweep: the first)"})
     stages: str = field(default="data,train,search,rl,sweep", metadata={"help": "stages to run (each is skipped when done)"})
     out_dir: str = field(default="runs/pav", metadata={"help": "data.jsonl, pav/, orm/, search.json, rl/, results.json"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on GPU for PAV / ORM training and RL, fp32 "
+                                                      "master weights (the paper trains in bf16)"})
     seed: int = field(default=0, metadata={"help": "seed of data, training and search"})
 
 
 # Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 30 minutes in all).
-TOY = dict(n_problems=800, n_cov=1, n_mc=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
-           max_depth=6, n_test=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024)
+TOY = dict(n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
+           max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024)
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -112,7 +114,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """1 - C(n-c, k) / C(n, k): the chance that best-of-k draws (without replacement) from n rollouts with c
     right holds a right one; unbiased for pass@k (Chen et al. 2021), so Q^BoK from pi's own rollouts."""
     if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} rollouts per prefix, not {n} (raise --n_mc)")
+        raise ValueError(f"pass@{k} needs at least {k} rollouts per prefix, not {n} (raise --mc_rollouts)")
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
@@ -193,7 +195,7 @@ def collect(gen, tok, problems: list[dict], args: Args, out: Path) -> dict:
                     row["keys"].append(key)
                 rows.append(row)
         keys = list(prefixes)
-        mc = _sample(gen, [list(k[1]) for k in keys], args.n_mc, args, stats, seed=args.seed * 104729 + s)
+        mc = _sample(gen, [list(k[1]) for k in keys], args.mc_rollouts, args, stats, seed=args.seed * 104729 + s)
         finished = [{"problem": r["problem"], "steps": r["steps"], "outcome": r["outcome"]} for r in rows]
         for (i, ids), outs in zip(keys, mc):
             head = tok.decode(ids[len(prompts[i]):], skip_special_tokens=True)
@@ -202,7 +204,7 @@ def collect(gen, tok, problems: list[dict], args: Args, out: Path) -> dict:
             finished += [{"problem": chunk[i]["problem"], "steps": split_steps(head + o.text), "outcome": y}
                          for o, y in zip(outs, ok)]
         for r in rows:
-            r["c"], r["m"] = [prefixes[k] for k in r.pop("keys")], args.n_mc
+            r["c"], r["m"] = [prefixes[k] for k in r.pop("keys")], args.mc_rollouts
         write_jsonl(out / "rollouts.jsonl", finished, append=True)  # every complete rollout: the ORM's data
         write_jsonl(path, rows, append=True)  # written last: a problem in data.jsonl is done
         bar.update(len(chunk))
@@ -257,7 +259,9 @@ def train_values(init: str, rows: list[dict], heads: list[str], args: Args, out:
         model.train()
         for b in batches[epoch]:
             ids, mask, tb, tt, target = collate(b, pad, dev)
-            loss = F.binary_cross_entropy_with_logits(model(ids, mask, tb, tt).reshape(target.shape), target)
+            with amp(args.bf16, dev):
+                z = model(ids, mask, tb, tt).float().reshape(target.shape)
+            loss = F.binary_cross_entropy_with_logits(z, target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -418,7 +422,7 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     steps. Writes out/metrics.jsonl and out/curve.json (resumes a finished run by reading them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     cfg = {k: getattr(args, k) for k in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
-                                         "temperature", "n_test") + (("alpha_rl", "rl_center") if pav else ())}
+                                         "temperature", "n_eval_problems") + (("alpha_rl", "rl_center") if pav else ())}
     if (out / "curve.json").exists() and json.loads((out / "curve.json").read_text()).get("config") == cfg:
         return json.loads((out / "curve.json").read_text())  # a finished run with these settings
     seed_all(seed)
@@ -461,7 +465,8 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
         else:
             weights = [[a] * len(r) for r, a in zip(resp, a_out)]
         policy.train()
-        lp, mask = token_logprobs(policy, [prompts[i // args.rl_k] for i in range(len(resp))], resp, pad, dev)  # (B, T)
+        with amp(args.bf16, dev):
+            lp, mask = token_logprobs(policy, [prompts[i // args.rl_k] for i in range(len(resp))], resp, pad, dev)  # (B, T)
         w = torch.zeros_like(lp)
         for i, x in enumerate(weights):
             w[i, : len(x)] = torch.tensor(x, device=dev)
@@ -516,15 +521,15 @@ def main(args: Args) -> dict:
     stages = set(args.stages.split(","))
     if stages - {"data", "train", "search", "rl", "sweep"}:
         raise ValueError(f"--stages {args.stages!r}: a comma list of data, train, search, rl, sweep")
-    if args.n_mc < max(ks):
-        raise ValueError(f"--n_mc {args.n_mc} < the largest K {max(ks)}: pass@K needs n_mc >= K rollouts per prefix")
+    if args.mc_rollouts < max(ks):
+        raise ValueError(f"--mc_rollouts {args.mc_rollouts} < the largest K {max(ks)}: pass@K needs n_mc >= K rollouts per prefix")
     if not (args.beam_width >= 1 and args.rl_k >= 2 and args.rl_eval_every >= 1):
         raise ValueError("--beam_width >= 1, --rl_k >= 2 and --rl_eval_every >= 1 are needed")
     if not args.eval_data:
         raise ValueError("--eval_data: test problems JSONL {problem, answer} (search and RL evaluation)")
     problems = load_problems(args.data)
     write_json(out / "config.json", asdict(args))
-    test = load_problems(args.eval_data, args.n_test or None)
+    test = load_problems(args.eval_data, args.n_eval_problems or None)
     data_probs, rl_probs = problems[: args.n_problems or len(problems)], problems[args.n_problems or 0:] or problems
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -538,7 +543,7 @@ def main(args: Args) -> dict:
         st = collect(gen, tok, data_probs, args, out)
         if st["samples"]:
             res["data"] = {"policy_samples": st["samples"], "generated_tokens": st["tokens"], "generate_calls": st["calls"],
-                           "seconds": time.time() - t, "n_cov": args.n_cov, "n_mc": args.n_mc}
+                           "seconds": time.time() - t, "n_cov": args.n_cov, "n_mc": args.mc_rollouts}
             print(f"data: {st['samples']} policy samples ({st['tokens']} tokens, {st['calls']} generate calls)", flush=True)
     if not (out / "data.jsonl").exists():
         raise FileNotFoundError(f"{out / 'data.jsonl'}: no PAV data (run the data stage)")
@@ -558,7 +563,7 @@ def main(args: Args) -> dict:
     write_json(out / "results.json", res)
 
     # 3. search: PAV beam vs Q^pi beam vs ORM best-of-N, tokens per problem
-    scfg = {k: getattr(args, k) for k in ("alpha", "prover_k", "ns", "search_ns", "beam_width", "max_depth", "n_test",
+    scfg = {k: getattr(args, k) for k in ("alpha", "prover_k", "ns", "search_ns", "beam_width", "max_depth", "n_eval_problems",
                                           "temperature", "seed")}
     if "search" in stages and res.get("search_config") != scfg:  # done with these settings: kept
         pav, orm = (PAVVerifier(ValueHeadLM.load(out / d).to(dev), tok, json.loads((out / d / "verifier.json").read_text()),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data import CODE_PROMPT, read_jsonl, write_jsonl
-from utils.train import MetricsLog, run_main, seed_all, write_json
+from utils.train import MetricsLog, amp, run_main, seed_all, write_json
 from utils.verifiers import ValueHeadLM, collate, encode, make_batches
 
 OBJECTIVES = ("ppm", "pqm", "orm")
@@ -61,6 +61,7 @@ class Args:
     max_len: int = field(default=2048, metadata={"help": "max tokens of a scored sequence (code: 2048)"})
     eval_frac: float = field(default=0.05, metadata={"help": "share of problems held out (code: 5%)"})
     scale: float = field(default=5.0, metadata={"help": "inference value tanh(raw / scale) (code: 5)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on GPU, fp32 master weights (the paper trains in bf16)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     allow_empty: bool = field(default=False, metadata={"help": "no training rows (no tree with both outcomes): save the "
                                                                "untrained init (values ~ 0) instead of failing"})
@@ -211,7 +212,7 @@ def score_rows(model, tok, rows: list[dict], keys: tuple[str, ...], meta: dict, 
     with torch.set_grad_enabled(grad):
         for batch in make_batches(ex, args.batch_tokens, random.Random(0)):
             ids, mask, tb, tt, _ = collate(batch, tok.pad_token_id or 0, dev)
-            raw = model(ids, mask, tb, tt)
+            raw = model(ids, mask, tb, tt).float()  # (N,): fp32 under bf16 autocast too
             for e, v in zip(batch, raw):
                 vals[(e["key"], e["i"])] = v
     return [torch.stack([vals[(key, i)] for i in range(len(rows))]) if rows else out[key] for key in keys]
@@ -270,11 +271,13 @@ def main(args: Args) -> dict:
         for b in range(0, len(order), args.batch):
             batch = order[b: b + args.batch]
             if args.objective == "ppm":
-                pos, neg = score_rows(model, tok, batch, ("pos", "neg"), meta, args, dev, grad=True)
+                with amp(args.bf16, dev):
+                    pos, neg = score_rows(model, tok, batch, ("pos", "neg"), meta, args, dev, grad=True)
                 loss = bt_loss(pos, neg, torch.tensor([r["pos_count"] for r in batch], device=dev, dtype=torch.float),
                                torch.tensor([r["neg_count"] for r in batch], device=dev, dtype=torch.float))
             else:
-                (raw,) = score_rows(model, tok, batch, ("step",), meta, args, dev, grad=True)
+                with amp(args.bf16, dev):
+                    (raw,) = score_rows(model, tok, batch, ("step",), meta, args, dev, grad=True)
                 target = torch.tensor([r["target"] for r in batch], device=dev, dtype=torch.float)
                 loss = (pqm_loss if args.objective == "pqm" else orm_loss)(raw, target, args.scale)
             loss.backward()

@@ -61,7 +61,7 @@ class Args:
                                                      "empty: the toy policy"})
     data: str = field(default="", metadata={"help": "training prompts JSONL {problem, answer} (default: toy train)"})
     eval_data: str = field(default="", metadata={"help": "test problems JSONL (default: toy test)"})
-    eval_problems: int = field(default=500, metadata={"help": "test problems evaluated (0: all)"})
+    n_eval_problems: int = field(default=500, metadata={"help": "test problems evaluated (0: all)"})
     toy_dir: str = field(default="", metadata={"help": "toy world dir (default: built/cached by utils.toy)"})
     chat: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
     # rollouts
@@ -115,7 +115,7 @@ class Args:
 
 # Toy scale (the 0.28M-parameter toy policy on 2 CPU cores), applied when --model is empty.
 TOY = dict(prompts_per_step=32, max_new_tokens=160, backend="hf", prm_lr=6e-4, lr=3e-4, weight_decay=0.0,
-           steps=60, eval_every=10, save_every=1, eval_problems=200, micro_batch=64, shard="ddp")
+           steps=60, eval_every=10, save_every=1, n_eval_problems=200, micro_batch=64, shard="ddp")
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -448,7 +448,7 @@ def main(args: Args) -> dict:
     if not (args.k >= 2 and 0 <= args.filter_low <= args.filter_high <= 1 and args.mini_batches >= 1):
         raise ValueError("--k must be >= 2, 0 <= --filter_low <= --filter_high <= 1, --mini_batches >= 1")
     problems = load_problems(args.data)
-    test = load_problems(args.eval_data, args.eval_problems or None) if args.eval_data else []
+    test = load_problems(args.eval_data, args.n_eval_problems or None) if args.eval_data else []
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(args))

@@ -28,9 +28,13 @@ Deviations from the papers:
      labels wrong solutions up to their first error, right ones all positive.
   3. The tag is the step separator, not an added token (" ки"): the policy saw "\\n\\n" in its own
      text, and TRL's PRMTrainer reads the same position. `--step_tag "<extra_0>"` gives Qwen's form.
-  4. Toy-scale hyperparameters (TOY below) replace the papers' when --model is empty.
+  4. Toy-scale hyperparameters (TOY below) replace the papers' when --model is empty. There the PRM
+     learns from the toy checker's exact step labels (the stand-in for PRM800K's human labels; `--labels
+     mc` for Math-Shepherd's) and fine-tunes from the toy's verifier base, a model 13 times the
+     policy trained on the same SFT data: as in Let's Verify, the verifier is no smaller than the generator.
 
-    python prm_train.py                                      # toy world on CPU: MC labels + baselines
+    python prm_train.py                                      # toy world on CPU: exact step labels + the ORM
+    python prm_train.py --labels mc --out_dir runs/prm_mc    # Math-Shepherd's MC labels instead
     python prm_train.py --labels outcome --samples_per_problem 16 --epochs 2 --baselines "" --out_dir runs/orm16
     python prm_train.py --init runs/orm16/outcome --lr 5e-4 --epochs 2 --baselines ""   # MC labels from that ORM
     torchrun --nproc_per_node 8 prm_train.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat \\
@@ -52,8 +56,8 @@ from tqdm import tqdm
 from utils.data import build_prompt, first_error_truncate, load_problems, read_jsonl, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import grade
-from utils.train import (MetricsLog, gather_lists, latest_checkpoint, run_main, save_checkpoint, seed_all, setup_dist,
-                         unwrap, write_json)
+from utils.train import (MetricsLog, amp, gather_lists, latest_checkpoint, run_main, save_checkpoint, seed_all,
+                         setup_dist, unwrap, write_json)
 from utils.verifiers import (build_prm, collate, encode, first_error_prediction, load_verifier, make_batches,
                              processbench_f1)
 
@@ -64,7 +68,7 @@ class Args:
     model: str = field(default="", metadata={"help": "PRM init checkpoint (HF dir or hub id); empty: the toy policy"})
     policy: str = field(default="", metadata={"help": "policy that writes and completes solutions (default: --model)"})
     init: str = field(default="", metadata={"help": "local model dir every PRM here is fine-tuned from, e.g. a trained "
-                                                    "ORM (default: --model; on the toy the policy)"})
+                                                    "ORM (default: --model; on the toy its 3.6M verifier base)"})
     data: str = field(default="", metadata={"help": "problems JSONL {problem, answer} to sample from (default: toy train)"})
     labels: str = field(default="mc", metadata={"help": "mc | omega | outcome | exact (toy) | a stepwise JSONL path"})
     baselines: str = field(default="", metadata={"help": "comma list of extra label sources trained on the same "
@@ -80,7 +84,7 @@ class Args:
                                                            "from (Let's Verify: 1000)"})
     select_wrong: float = field(default=0.8, metadata={"help": "with --select_prm: share of the picks that are the most "
                                                                "convincing wrong-answer samples (Let's Verify: 0.8)"})
-    rollouts: int = field(default=8, metadata={"help": "completions per prefix K (Math-Shepherd: N=8; OmegaPRM: k=8)"})
+    mc_rollouts: int = field(default=8, metadata={"help": "completions per prefix K (Math-Shepherd: N=8; OmegaPRM: k=8)"})
     label_type: str = field(default="hard", metadata={"help": "hard | soft (Math-Shepherd HE/SE; its data is HE)"})
     first_error: bool = field(default=True, metadata={"help": "drop steps after the first negative (PRM800K/ProcessBench)"})
     mc_monotone: bool = field(default=False, metadata={"help": "mc: prefixes after one with MC = 0 are labelled 0 "
@@ -111,7 +115,7 @@ class Args:
     # evaluation and output
     eval_data: str = field(default="", metadata={"help": "ProcessBench-format JSONL {problem, steps, label} to "
                                                          "evaluate on (default on the toy: fresh policy samples on test)"})
-    eval_problems: int = field(default=500, metadata={"help": "toy test problems sampled for toy ProcessBench"})
+    n_eval_problems: int = field(default=500, metadata={"help": "toy test problems sampled for toy ProcessBench"})
     threshold: float = field(default=0.5, metadata={"help": "first step with P(correct) < threshold is the error"})
     out_dir: str = field(default="runs/prm", metadata={"help": "outputs: labels, metrics.jsonl, prm/, eval.json"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
@@ -119,10 +123,11 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of sampling, shuffling and init"})
 
 
-# Toy scale: a PRM fine-tuned from the toy policy (0.28M parameters) on CPU (applied when --model is empty).
-TOY = dict(n_problems=1800, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7, max_new_tokens=200,
-           backend="hf", lr=2e-3, epochs=4.0, warmup_ratio=0.05, weight_decay=0.01, batch_tokens=8192,
-           max_len=1024, eval_problems=500, baselines="outcome")
+# Toy scale (applied when --model is empty): exact step labels of 2,400 policy solutions, a PRM and an ORM fine-tuned
+# from the toy's 3.6M verifier base (lr 5e-4, one epoch: the 3.6M runs of docs/results/search.md), sized for a quickstart.
+TOY = dict(labels="exact", n_problems=1200, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7,
+           max_new_tokens=200, backend="hf", lr=5e-4, epochs=1.0, warmup_ratio=0.05, weight_decay=0.01,
+           batch_tokens=8192, max_len=1024, n_eval_problems=500, baselines="outcome")
 
 
 # ----------------------------------------------------------------------------- the PRM's verifier.json
@@ -181,7 +186,7 @@ def mc_estimate(gen, tok, rows: list[dict], ks: list[int], args: Args, salt: int
         return []
     prefixes = [prefix_ids(tok, r, k, "\n\n") for r, k in zip(rows, ks)]
     temp = args.rollout_temperature if args.rollout_temperature >= 0 else args.temperature
-    outs = gen.sample(prefixes, n=args.rollouts, temperature=temp, max_tokens=args.max_new_tokens,
+    outs = gen.sample(prefixes, n=args.mc_rollouts, temperature=temp, max_tokens=args.max_new_tokens,
                       seed=args.seed + 7919 * salt, logprobs=False)
     return [sum(grade(c.text, r["answer"]) for c in o) / len(o) for r, o in zip(rows, outs)]
 
@@ -203,7 +208,7 @@ def label_mc(gen, tok, rows: list[dict], args: Args) -> int:
             break
         for i, v in zip(todo, mc_estimate(gen, tok, [rows[i] for i in todo], [k] * len(todo), args, salt=k)):
             rows[i]["mc"][k - 1] = v
-        spent += len(todo) * args.rollouts
+        spent += len(todo) * args.mc_rollouts
         k += 1
     for r in rows:
         if stop_at_zero and 0.0 in r["mc"]:  # after the first zero: 0 (dropped if truncated)
@@ -228,7 +233,7 @@ def label_omega(gen, tok, rows: list[dict], args: Args) -> int:
         act = [i for i, (lo, hi) in state.items() if hi - lo > 1]
         mids = [(state[i][0] + state[i][1]) // 2 for i in act]
         values = mc_estimate(gen, tok, [rows[i] for i in act], mids, args, salt=100 + rnd)
-        spent += len(act) * args.rollouts
+        spent += len(act) * args.mc_rollouts
         for i, m, v in zip(act, mids, values):
             state[i][0 if v > 0 else 1] = m
         rnd += 1
@@ -314,14 +319,13 @@ def train(name: str, init: str, stepwise: list[dict], args: Args, dist, log) -> 
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and dist.device.type == "cuda")
     model.train()
     bar = tqdm(range(start, total), desc=f"train {name}", disable=not dist.main)
     for step in bar:
         tot_loss, tot_hit, tot_n = 0.0, 0, 0
         for micro in batches[step * args.grad_accum: (step + 1) * args.grad_accum]:
             ids, mask, tb, tt, y = collate(micro, pad, dist.device)
-            with autocast:
+            with amp(args.bf16, dist.device):
                 z = model(ids, mask, tb, tt).float()  # (N,)
             loss = F.binary_cross_entropy_with_logits(z, y)  # soft targets: -[q log p + (1-q) log(1-p)]
             (loss / args.grad_accum).backward()
@@ -376,6 +380,9 @@ def main(args: Args):
         raise ValueError(f"--select_prm {args.select_prm}: not a verifier dir (no verifier.json)")
     if args.select_prm and not (args.select_from >= args.samples_per_problem and 0 <= args.select_wrong <= 1):
         raise ValueError("--select_from must be >= --samples_per_problem and --select_wrong in [0, 1]")
+    if toy and not args.init:  # verifiers the policy's size do not learn to spot its errors (docs/results/search.md)
+        from utils.toy import ensure_verifier_base
+        args.init = str(ensure_verifier_base(tdir))
     results, gen = {"labels": args.labels}, None
 
     # 1. solutions and labels (cached in out_dir/solutions.jsonl, so a rerun or --resume skips this)
@@ -452,7 +459,7 @@ def main(args: Args):
             eval_rows = read_jsonl(ev_path)
         else:
             gen = gen or load_backend(policy, backend=args.backend, max_model_len=args.max_len)
-            eval_rows = toy_processbench(gen, toy_test[: args.eval_problems], args.chat, args.temperature,
+            eval_rows = toy_processbench(gen, toy_test[: args.n_eval_problems], args.chat, args.temperature,
                                          args.max_new_tokens, args.seed)
             write_jsonl(ev_path, eval_rows)
         results["eval_error_rate"] = sum(r["label"] != -1 for r in eval_rows) / max(1, len(eval_rows))

@@ -32,7 +32,7 @@ Deviations:
   9. One process: no torchrun sharding of the problems (the original spreads trees over vLLM workers).
 
     python rstar_mcts.py                                   # toy world on CPU: 2 rounds, then the ablation
-    python rstar_mcts.py --model bootstrap_dir --base Qwen2.5-Math-7B --data train.jsonl --test_data math500 \\
+    python rstar_mcts.py --model bootstrap_dir --base Qwen2.5-Math-7B --data train.jsonl --eval_data math500 \\
         --rounds 4 --backend vllm
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
 from utils.sandbox import run_many
-from utils.train import MetricsLog, run_main, seed_all, write_json
+from utils.train import MetricsLog, amp, run_main, seed_all, write_json
 from utils.verifiers import load_verifier
 
 
@@ -68,11 +68,13 @@ class Args:
     base: str = field(default="", metadata={"help": "base model every round SFTs from (paper: Qwen2.5-Math-7B; "
                                                     "empty: the toy's code base)"})
     data: str = field(default="", metadata={"help": "training problems JSONL {problem, answer} (default: toy train)"})
-    test_data: str = field(default="", metadata={"help": "test problems (default: toy test)"})
-    n_train: int = field(default=0, metadata={"help": "training problems per round (0: all; paper: 747k)"})
-    n_test: int = field(default=0, metadata={"help": "test problems (0: all)"})
+    eval_data: str = field(default="", metadata={"help": "test problems (default: toy test)"})
+    n_problems: int = field(default=0, metadata={"help": "training problems per round (0: all; paper: 747k)"})
+    n_eval_problems: int = field(default=0, metadata={"help": "test problems (0: all)"})
     out_dir: str = field(default="runs/rstar", metadata={"help": "output dir (finished rounds are kept: rerun resumes)"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on GPU for each round's SFT and ppm.py's "
+                                                      "training, fp32 master weights"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     # self-evolution
     rounds: int = field(default=4, metadata={"help": "self-evolution rounds (paper: 4)"})
@@ -111,7 +113,7 @@ class Args:
 
 # Toy scale (the default run fits 45 minutes on 2 cores): 2 rounds over 200 training problems with the paper's
 # 8 and 16 rollouts, 4 candidates per step, SFT at the toy's learning rate; the ablation on 150 test problems.
-TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_train=200, n_test=150, candidates=4, max_step_tokens=80,
+TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_problems=200, n_eval_problems=150, candidates=4, max_step_tokens=80,
            max_model_len=1024, exec_timeout=5.0, sft_epochs=8, sft_lr=2e-3, sft_batch=8, sft_micro=8,
            weight_decay=0.01, eval_rollouts=8, eval_candidates=4, backend="hf",
            ppm_args="--min_edit 1 --epochs 2 --lr 1e-3 --batch 32 --batch_tokens 8192 --max_len 1024 --eval_frac 0.1")
@@ -430,7 +432,8 @@ def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log) -> 
             att = torch.zeros((len(mb), T), dtype=torch.long)
             for r, (a, b) in enumerate(mb):
                 ids[r, : len(a)], lab[r, : len(b)], att[r, : len(a)] = torch.tensor(a), torch.tensor(b), 1
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, :-1].float()
+            with amp(args.bf16, dev):
+                logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1).to(dev),
                                                      ignore_index=-100, reduction="sum") / n_tok  # token mean over the batch
             loss.backward()
@@ -469,7 +472,8 @@ def train_ppm(trees_path: Path, init: str, out: Path, args: Args, objective: str
     """ppm.py in a subprocess: a verifier dir of kind ppm (or its pqm / orm ablations) from a round's trees."""
     if not (out / "verifier.json").exists():
         cmd = [sys.executable, str(Path(__file__).with_name("ppm.py")), "--trees", str(trees_path), "--model", init,
-               "--out_dir", str(out), "--objective", objective, "--seed", str(args.seed), "--allow_empty", "true"] + args.ppm_args.split()
+               "--out_dir", str(out), "--objective", objective, "--seed", str(args.seed), "--allow_empty", "true",
+               "--bf16", str(args.bf16).lower()] + args.ppm_args.split()
         subprocess.run(cmd, check=True)
     return out
 
@@ -567,11 +571,11 @@ def main(args: Args) -> dict:
         toy_dir = ensure_toy()
         code_dir = ensure_code_toy(toy_dir)
         args.model, args.base = args.model or str(code_dir / "policy"), args.base or str(code_dir / "base")
-        args.data, args.test_data = args.data or str(toy_dir / "train.jsonl"), args.test_data or str(toy_dir / "test.jsonl")
-    if not (args.base and args.data and args.test_data):
-        raise ValueError("--base, --data and --test_data are needed with --model")
-    train = load_problems(args.data, args.n_train or None)
-    test = load_problems(args.test_data, args.n_test or None)
+        args.data, args.eval_data = args.data or str(toy_dir / "train.jsonl"), args.eval_data or str(toy_dir / "test.jsonl")
+    if not (args.base and args.data and args.eval_data):
+        raise ValueError("--base, --data and --eval_data are needed with --model")
+    train = load_problems(args.data, args.n_problems or None)
+    test = load_problems(args.eval_data, args.n_eval_problems or None)
     metrics = MetricsLog(out)
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     res["round_0/greedy_acc"] = res.get("round_0/greedy_acc", evaluate_policy(args.model, test, args))

@@ -31,10 +31,14 @@ Deviations from search-and-learn:
      never trained on and the last step's score says little about the steps before it (toy: mean
      last-step score 0.86-0.88 whatever the first error, 0.93 for right solutions; lowest step
      score 0.23-0.50 by kind of error, 0.73 for right solutions; docs/results/search.md).
+  5. Under torchrun each rank searches a shard of the problems (rank r: problems r, r + W, ...) with its own
+     engine and verifiers, and rank 0 merges; upstream runs one process per dataset shard by hand. The
+     samples of a problem depend on its shard's batches, so W ranks draw other samples than one process.
 
     python search.py                                    # toy world on CPU (needs python prm_train.py first)
     python search.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat --data math500 \\
-        --verifiers qwen=models/Qwen2.5-Math-PRM-7B,mine=runs/prm/mc    # verifier dirs on disk
+        --verifiers qwen=models/Qwen2.5-Math-PRM-7B,rlhf=models/Llama3.1-8B-PRM-Deepseek-Data:rlhflow
+    torchrun --nproc_per_node 8 search.py --model MODEL --data math500 --verifiers prm=DIR --backend hf
 """
 from __future__ import annotations
 
@@ -46,14 +50,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from utils.data import build_prompt, load_problems, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, is_equiv
-from utils.train import run_main, seed_all, write_json
+from utils.train import gather_lists, run_main, seed_all, setup_dist, write_json
 from utils.verifiers import (AnswerGroups, aggregate, best_of_n, load_verifier, majority, parse_verifiers,
-                             weighted_vote)
+                             split_format, weighted_vote)
 
 
 @dataclass
@@ -63,10 +68,13 @@ class Args:
     n_problems: int = field(default=0, metadata={"help": "first n problems (0: all)"})
     toy_dir: str = field(default="", metadata={"help": "toy world dir (default: built/cached by utils.toy)"})
     chat: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
-    verifiers: str = field(default="", metadata={"help": "comma list of name=DIR (any verifier dir) and oracle (toy "
-                                                         "default: prm=runs/prm/mc,orm=runs/prm/outcome,oracle)"})
-    verifier_format: str = field(default="", metadata={"help": "format of verifier dirs without verifier.json: "
-                                                               "qwen-prm | math-shepherd | trl (default: detected)"})
+    verifiers: str = field(default="", metadata={"help": "comma list of name=DIR (any verifier dir; DIR:FORMAT for a "
+                                                         "public PRM without verifier.json: qwen-prm | math-shepherd | "
+                                                         "rlhflow | trl) and oracle (toy default: "
+                                                         "prm=runs/prm/exact,orm=runs/prm/outcome,oracle)"})
+    verifier_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    verifier_device_map: str = field(default="", metadata={"help": "'auto': spread each PRM over the visible GPUs "
+                                                                   "(a 72B PRM; needs accelerate)"})
     guide: str = field(default="", metadata={"help": "verifiers that guide beam/DVTS, comma list of names (default: all)"})
     methods: str = field(default="maj,bon,weighted,beam,dvts", metadata={"help": "comma list of strategies"})
     ns: str = field(default="1,2,4,8,16,32,64", metadata={"help": "budgets N (search-and-learn: 4..256)"})
@@ -76,7 +84,7 @@ class Args:
     lookahead: int = field(default=0, metadata={"help": "greedy steps rolled out (and scored) past each candidate (search-and-learn: 0)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (search-and-learn: 0.8)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (search-and-learn: 1.0)"})
-    max_tokens: int = field(default=2048, metadata={"help": "max generated tokens per solution (search-and-learn: 2048)"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "max generated tokens per solution (search-and-learn: 2048)"})
     agg: str = field(default="min", metadata={"help": "step aggregation: min | last (search-and-learn) | prod | mean; "
                                                    "see deviation 4"})
     backend: str = field(default="auto", metadata={"help": "auto | vllm | hf"})
@@ -87,8 +95,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
-TOY = dict(n_problems=100, search_ns="4,8,16", max_depth=6, max_tokens=160, temperature=1.0, backend="hf",
-           verifiers="prm=runs/prm/mc,orm=runs/prm/outcome,oracle")
+TOY = dict(n_problems=100, search_ns="4,8,16", max_depth=6, max_new_tokens=160, temperature=1.0, backend="hf",
+           verifiers="prm=runs/prm/exact,orm=runs/prm/outcome,oracle")
 SEARCHES = ("beam", "dvts")
 
 
@@ -180,7 +188,7 @@ def beam_search(gen, problems, prompts, n: int, m: int, verifier, args, ledger, 
 def _expand(gen, prefixes, k, args, ledger, to_end=False, greedy=False):
     """k one-step children per prefix (or run to the end). A child is its parent's ids + step ids."""
     ledger["calls"] += 1
-    kw = dict(n=k, temperature=0.0 if greedy else args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+    kw = dict(n=k, temperature=0.0 if greedy else args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
               seed=random.randrange(2**31), logprobs=False)
     t = time.time()
     outs = gen.sample(prefixes, **kw) if to_end else gen.step(prefixes, **kw)
@@ -190,12 +198,31 @@ def _expand(gen, prefixes, k, args, ledger, to_end=False, greedy=False):
 
 
 # ----------------------------------------------------------------------------- main
+def int_list(flag: str, value: str) -> list[int]:
+    """"1,4,16" -> [1, 4, 16]; anything else is a ValueError naming the flag."""
+    try:
+        out = sorted(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{flag} {value!r}: expected a comma list of whole numbers, e.g. 1,4,16") from None
+    if not out or out[0] < 1:
+        raise ValueError(f"--{flag} {value!r}: expected budgets >= 1")
+    return out
+
+
 def main(args: Args):
     t0 = time.time()
     seed_all(args.seed)
+    methods = [m for m in args.methods.split(",") if m]  # every setting checked before any generation
+    bad = sorted(set(methods) - {"maj", "bon", "weighted"} - set(SEARCHES))
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown {bad or args.methods!r} (maj, bon, weighted, beam, dvts)")
+    ns, search_ns = int_list("ns", args.ns), int_list("search_ns", args.search_ns or args.ns)
+    aggregate([1.0], args.agg)  # an unknown aggregation raises here
+    dist = setup_dist()
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(args))
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(args))
     toy = not args.model
     if toy:
         from utils.toy import ensure_toy
@@ -205,34 +232,39 @@ def main(args: Args):
     if "oracle" in spec.values() and not toy:
         raise ValueError("the oracle verifier is the toy world's checker (leave --model empty, or drop it)")
     for name, path in spec.items():
-        if path != "oracle" and not Path(path).is_dir():
+        if path != "oracle" and not Path(split_format(path)[0]).is_dir():
             raise FileNotFoundError(f"verifier {name}: no dir {path!r}" + (" (run `python prm_train.py` first)" if toy else ""))
     guide = [g for g in (args.guide.split(",") if args.guide else spec) if g]
     if set(guide) - set(spec):
         raise ValueError(f"--guide names {sorted(set(guide) - set(spec))}, not in --verifiers {list(spec)}")
-    methods = args.methods.split(",")
     if not spec and set(methods) - {"maj"}:
         raise ValueError(f"--methods {args.methods} need --verifiers (only maj runs without one)")
+    if args.cache_check and dist.on:
+        raise ValueError("--cache_check times one process: run it without torchrun")
     problems = load_problems(args.data, args.n_problems or None)
-    texts, golds = [p["problem"] for p in problems], [str(p["answer"]) for p in problems]
-    ns = sorted(int(x) for x in args.ns.split(","))
-    verifiers = {name: load_verifier(path, fmt=args.verifier_format) for name, path in spec.items()}
-    gen = load_backend(args.model, backend=args.backend)
+    mine = list(range(len(problems)))[dist.rank::dist.world]  # torchrun: each rank a shard, rank 0 merges
+    texts, golds = [problems[i]["problem"] for i in mine], [str(problems[i]["answer"]) for i in mine]
+    verifiers = {name: load_verifier(path, device=dist.device, dtype=args.verifier_dtype,
+                                     device_map=args.verifier_device_map) for name, path in spec.items()}
+    gen = load_backend(args.model, backend=args.backend)  # under torchrun on the rank's GPU (setup_dist sets it)
     tok = gen.tokenizer
     prompts = [tok.encode(build_prompt(p, tok, args.chat), add_special_tokens=False) for p in texts]
-    groups = [AnswerGroups() for _ in problems]
+    groups = [AnswerGroups() for _ in texts]
     right = lambda i, a: a is not None and is_equiv(a, golds[i])  # noqa: E731
-    res, by_problem, per_problem = {}, {}, [{"problem": t, "answer": g} for t, g in zip(texts, golds)]
+    # per problem of this shard: accuracy and generated tokens of every row, its per-problem record
+    by_problem, tokens, per_problem = defaultdict(list), defaultdict(list), [
+        {"problem": t, "answer": g} for t, g in zip(texts, golds)]
+    res = {}
 
     # 1. one run of N_max independent samples serves maj / bon / weighted at every N, for every verifier
     nmax = ns[-1]
     t = time.time()
     outs = []
-    for s in tqdm(range(0, len(prompts), 16), desc=f"sample N={nmax}"):
+    for s in tqdm(range(0, len(prompts), 16), desc=f"sample N={nmax}", disable=not dist.main):
         outs += gen.sample(prompts[s: s + 16], n=nmax, temperature=args.temperature, top_p=args.top_p,
-                           max_tokens=args.max_tokens, seed=args.seed + s, logprobs=False)
+                           max_tokens=args.max_new_tokens, seed=args.seed + s + 100003 * dist.rank, logprobs=False)
     sample_s = time.time() - t
-    res["n_too_long"] = sum(o[0].finish == "too_long" for o in outs)  # prompts over the context: unanswered
+    too_long = sum(o[0].finish == "too_long" for o in outs)  # prompts over the context: unanswered
     answers = [[extract_answer(c.text) for c in o] for o in outs]
     steps = [[split_steps(c.text) or [""] for c in o] for o in outs]
     ntok = [[len(c.token_ids) for c in o] for o in outs]
@@ -244,8 +276,8 @@ def main(args: Args):
         row.update(completions=[c.text for c in outs[i]], answers=answers[i],
                    scores={k: v[i] for k, v in vscores.items()})
     for n in ns:
-        acc = defaultdict(list)
-        for i in range(len(problems)):
+        for i in range(len(texts)):
+            acc = defaultdict(list)
             for g in range(nmax // n):  # deviation 2: average over the disjoint groups
                 sl = slice(g * n, (g + 1) * n)
                 a = answers[i][sl]
@@ -256,51 +288,75 @@ def main(args: Args):
                         acc[f"{name}/bon"].append(right(i, best_of_n(a, sc)))
                     if "weighted" in methods:
                         acc[f"{name}/weighted"].append(right(i, weighted_vote(a, sc, groups[i])))
-        for k, v in acc.items():
-            res[f"{k}@{n}"] = sum(v) / len(v)
-            res[f"tokens/{k}@{n}"] = sum(sum(x[:n]) for x in ntok) / len(problems)
-            g = nmax // n
-            by_problem[f"{k}@{n}"] = [sum(v[i * g: (i + 1) * g]) / g for i in range(len(problems))]
-    res["sample_seconds"] = sample_s
+            for k, v in acc.items():
+                by_problem[f"{k}@{n}"].append(sum(v) / len(v))
+                tokens[f"{k}@{n}"].append(sum(ntok[i][:n]))
 
     # 2. beam search and DVTS, one run per guiding verifier and N (in that order: the first verifier's runs
     #    draw the same step seeds whatever else is listed after it)
+    ledgers = {}
     for name in guide:
         for method in [m for m in methods if m in SEARCHES]:
-            for n in sorted(int(x) for x in (args.search_ns or args.ns).split(",")):
+            for n in search_ns:
                 if n < args.beam_width:
                     continue
                 key, ledger, t = f"{name}/{method}@{n}", {"calls": 0, "tokens": 0}, time.time()
                 pool = beam_search(gen, texts, prompts, n, args.beam_width, verifiers[name], args, ledger,
                                    diverse=method == "dvts")
-                picks = []
-                for i in range(len(problems)):
+                for i in range(len(texts)):
                     done = pool[i]
                     a = [extract_answer(tok.decode(b.ids[len(prompts[i]):], skip_special_tokens=True)) for b in done]
                     pred = best_of_n(a, [b.score for b in done]) if done else None
-                    picks.append(right(i, pred))
+                    by_problem[key].append(float(right(i, pred)))
                     per_problem[i].setdefault(f"{name}/{method}", {})[n] = {"pred": pred, "pool": len(done)}
-                res[key] = sum(picks) / len(picks)
-                by_problem[key] = [float(x) for x in picks]
-                res[f"tokens/{key}"] = ledger["tokens"] / len(problems)
-                res[f"calls/{key}"] = ledger["calls"]
-                res[f"seconds/{key}"] = time.time() - t
-                print(f"{key}: {100 * res[key]:.1f}%  {res[f'tokens/{key}']:.0f} tok/problem ({time.time() - t:.0f}s)",
-                      flush=True)
+                ledgers[key] = {"tokens": ledger["tokens"], "calls": ledger["calls"], "seconds": time.time() - t}
+                if dist.main:
+                    print(f"{key}: {100 * sum(by_problem[key]) / max(1, len(texts)):.1f}%  "
+                          f"{ledger['tokens'] / max(1, len(texts)):.0f} tok/problem ({time.time() - t:.0f}s)", flush=True)
+
+    # 3. rank 0 merges the shards (problems back in their order) and writes every output
+    shard = gather_lists(dist, [{"idx": mine, "by_problem": dict(by_problem), "tokens": dict(tokens),
+                                 "per_problem": per_problem, "ledgers": ledgers, "too_long": too_long,
+                                 "verifier_tokens": {k: v.tokens for k, v in verifiers.items()}}])
+    if not dist.main:
+        torch.distributed.destroy_process_group()
+        return
+    order = [i for sh in shard for i in sh["idx"]]
+    rank_of = sorted(range(len(order)), key=order.__getitem__)  # merged position -> original problem order
+
+    def merged(field: str, key: str) -> list:
+        flat = [x for sh in shard for x in sh[field].get(key, [])]
+        return [flat[j] for j in rank_of] if len(flat) == len(order) else flat
+    res["n_too_long"] = sum(sh["too_long"] for sh in shard)
+    keys = list(shard[0]["by_problem"])
+    by_problem = {k: merged("by_problem", k) for k in keys}
+    for k in keys:
+        res[k] = sum(by_problem[k]) / len(by_problem[k])
+        if k in shard[0]["tokens"]:
+            res[f"tokens/{k}"] = sum(merged("tokens", k)) / len(order)
+        else:  # beam / DVTS: the generator's tokens over every rank's problems
+            res[f"tokens/{k}"] = sum(sh["ledgers"][k]["tokens"] for sh in shard) / len(order)
+            res[f"calls/{k}"] = sum(sh["ledgers"][k]["calls"] for sh in shard)
+            res[f"seconds/{k}"] = max(sh["ledgers"][k]["seconds"] for sh in shard)
+    res["sample_seconds"] = sample_s
     for key, v in by_problem.items():  # each method against majority at the same N, on the same problems
         m, n = key.split("@")
         if m != "maj" and f"maj@{n}" in by_problem:
             res[f"vs_maj/{key}"] = list(paired_interval(v, by_problem[f"maj@{n}"], seed=args.seed))
-    for name, v in verifiers.items():
-        if v.tokens:
-            res[f"verifier_tokens/{name}"] = v.tokens
+    for name in verifiers:
+        vt = sum(sh["verifier_tokens"][name] for sh in shard)
+        if vt:
+            res[f"verifier_tokens/{name}"] = vt
+    per_problem = [r for sh in shard for r in sh["per_problem"]]
+    per_problem = [per_problem[j] for j in rank_of]
 
-    # 3. prefix caching on vs off (vLLM), beam search at one N
+    # 4. prefix caching on vs off (vLLM), beam search at one N
     if args.cache_check:
         if not guide:
             raise ValueError("--cache_check needs a verifier to guide beam search (--verifiers)")
         res.update(cache_check(args, texts, prompts, verifiers[guide[0]]))
     res["wall_s"] = time.time() - t0
+    res["world_size"] = dist.world
     write_jsonl(out / "problems.jsonl", per_problem)
     write_json(out / "results.json", res)
     rows = ["maj"] + [f"{v}/{m}" for v in spec for m in ("bon", "weighted") + SEARCHES]
@@ -308,6 +364,8 @@ def main(args: Args):
     (out / "scaling.md").write_text(table)
     print(table)
     plot(res, ns, rows, out)
+    if dist.on:
+        torch.distributed.destroy_process_group()
 
 
 def cache_check(args, texts, prompts, verifier) -> dict:

@@ -61,7 +61,7 @@ def _run(args, timeout=900):
 def test_full_math500_and_gsm8k_end_to_end(long_model_dir, tmp_path):
     out = tmp_path / "ev"
     _run(["--model", str(long_model_dir), "--data", "math500,gsm8k_test", "--n_samples", "2", "--k", "1,2",
-          "--temperature", "1.0", "--max_tokens", "4", "--backend", "hf", "--batch_problems", "256", "--out_dir", str(out)])
+          "--temperature", "1.0", "--max_new_tokens", "4", "--backend", "hf", "--batch_problems", "256", "--out_dir", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["math500"]["n"] == 500 and res["gsm8k_test"]["n"] == 1319
     for b in ("math500", "gsm8k_test"):
@@ -70,7 +70,7 @@ def test_full_math500_and_gsm8k_end_to_end(long_model_dir, tmp_path):
         assert sorted(r["idx"] for r in rows) == list(range(res[b]["n"]))
         assert all(len(r["completions"]) == 2 == len(r["correct"]) for r in rows)
     single = tmp_path / "one"
-    _run(["--model", str(long_model_dir), "--data", "aime24", "--max_tokens", "4", "--backend", "hf",
+    _run(["--model", str(long_model_dir), "--data", "aime24", "--max_new_tokens", "4", "--backend", "hf",
           "--out_dir", str(single)])
     one = json.loads((single / "results.json").read_text())
     assert one["n"] == 30 and "pass@1" in one  # one benchmark: flat keys (the output contract)
@@ -111,7 +111,7 @@ def test_processbench_and_rerank_with_a_prm(tiny_model_dir, tmp_path):
 def test_sigkill_then_resume_evaluates_each_problem_once(tiny_toy_dir, tmp_path):
     out = tmp_path / "kill"
     cmd = [sys.executable, "eval.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--n_samples", "2", "--k", "1,2",
-           "--max_tokens", "60", "--batch_problems", "2", "--toy_processbench", "0", "--verifier", ""]
+           "--max_new_tokens", "60", "--batch_problems", "2", "--toy_processbench", "0", "--verifier", ""]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     f = out / "test" / "samples.jsonl"
     t = time.time()
@@ -130,7 +130,7 @@ def test_sigkill_then_resume_evaluates_each_problem_once(tiny_toy_dir, tmp_path)
 def test_torchrun_ranks_take_slices_and_rank0_merges(tiny_toy_dir, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py",
-                        "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--max_tokens", "20",
+                        "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--max_new_tokens", "20",
                         "--n_samples", "1", "--k", "1", "--toy_processbench", "0", "--verifier", ""],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

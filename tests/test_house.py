@@ -83,6 +83,50 @@ def _run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
+def _fields(script: str) -> set[str]:
+    tree = ast.parse((ROOT / f"{script}.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    return {s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)}
+
+
+def test_one_name_for_one_thing_across_scripts():
+    """Shared settings carry one name in every script (TRL's where it has one): no alias of them survives."""
+    aliases = {"limit": "n_problems", "n_train": "n_problems", "eval_problems": "n_eval_problems",
+               "n_test": "n_eval_problems", "max_tokens": "max_new_tokens", "test_data": "eval_data",
+               "n_mc": "mc_rollouts", "verifier_format": "a DIR:FORMAT verifier spec"}
+    fields = {m: _fields(m) for m in METHODS}
+    for m, f in fields.items():
+        assert not f & set(aliases), f"{m}.py: {sorted(f & set(aliases))} (use {[aliases[a] for a in f & set(aliases)]})"
+    uses = {"n_problems": {"prm_train", "search", "eval", "pav", "rstar_mcts"},
+            "n_eval_problems": {"prm_train", "prime", "pav", "rstar_mcts"},
+            "max_new_tokens": {"prm_train", "search", "eval", "prime", "pav"},
+            "eval_data": {"prm_train", "prime", "pav", "rstar_mcts"}, "mc_rollouts": {"prm_train", "pav"},
+            "rollouts": {"rstar_mcts"},  # MCTS rollouts; Monte-Carlo rollouts per prefix are mc_rollouts
+            "out_dir": set(METHODS), "seed": set(METHODS), "bf16": {"prm_train", "prime", "ppm", "pav", "rstar_mcts"}}
+    for name, want in uses.items():
+        assert {m for m, f in fields.items() if name in f} == want, name
+
+
+def test_every_script_has_help_and_one_line_flag_errors(capsys):
+    """--help of every script (in one process: each module's Args through the same parser), and an unknown or
+    abbreviated flag is one line and exit 2, before main runs."""
+    import importlib
+
+    from utils.train import parse_args, run_main
+    for m in METHODS:
+        mod = importlib.import_module(m)
+        with pytest.raises(SystemExit) as e:
+            parse_args(mod.Args, getattr(mod, "TOY", None), ["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and "--out_dir" in out and "--config" in out, m
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda a: pytest.fail("main ran"), mod.Args, getattr(mod, "TOY", None), ["--no_such_flag", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "unknown argument --no_such_flag" in err[0], (m, err)
+    r = _run(["search.py", "--n_prob", "5"])  # as a user runs it: abbreviations are refused, never overwritten
+    assert r.returncode == 2 and "did you mean --n_problems?" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_user_errors_are_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "no answer"}\n')
@@ -93,9 +137,9 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path):
              (["eval.py", "--verifier", str(tmp_path), "--processbench", "processbench_gsm8k"], "no verifier in"),
              (["ppm.py", "--trees", str(tmp_path / "none.jsonl"), "--model", str(tiny_model_dir)], "No such file"),
              (["rstar_mcts.py", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--data", "math500",
-               "--test_data", "math500", "--uct", "ucb"], "--uct 'ucb'"),
-             (["pav.py", "--model", str(tiny_model_dir), "--data", "math500", "--eval_data", "math500", "--n_mc", "2",
-               "--ks", "1,4"], "--n_mc 2 < the largest K 4")]
+               "--eval_data", "math500", "--uct", "ucb"], "--uct 'ucb'"),
+             (["pav.py", "--model", str(tiny_model_dir), "--data", "math500", "--eval_data", "math500", "--mc_rollouts", "2",
+               "--ks", "1,4"], "--mc_rollouts 2 < the largest K 4")]
     for args, want in cases:
         r = _run(args, env={**os.environ, "STEPWISE_DEBUG": ""})
         err = r.stderr.strip().splitlines()
@@ -115,7 +159,7 @@ def test_too_long_prompts_are_unanswered(tiny_model_dir, tmp_path):
     long = [len(gen.encode(build_prompt(p["problem"]))) >= 512 for p in probs]
     assert 0 < sum(long) < 40
     out = tmp_path / "ev"
-    r = _run(["eval.py", "--model", str(tiny_model_dir), "--data", "math500", "--limit", "40", "--max_tokens", "2",
+    r = _run(["eval.py", "--model", str(tiny_model_dir), "--data", "math500", "--n_problems", "40", "--max_new_tokens", "2",
               "--backend", "hf", "--out_dir", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())

@@ -23,7 +23,7 @@ def test_pass_at_k_by_hand():
     assert pav.pass_at_k(4, 3, 2) == 1.0  # n - c = 1 < k: every pair holds a right one
     assert pav.pass_at_k(16, 5, 1) == pytest.approx(5 / 16)  # K = 1 is Q^pi itself
     assert pav.pass_at_k(8, 2, 4) == pytest.approx(1 - math.comb(6, 4) / math.comb(8, 4))  # 1 - 15/70
-    with pytest.raises(ValueError, match="n_mc"):
+    with pytest.raises(ValueError, match="mc_rollouts"):
         pav.pass_at_k(2, 1, 4)
 
 
@@ -116,9 +116,9 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
     out = tmp_path / "pav"
     cmd = [sys.executable, "pav.py", "--out_dir", str(out), "--model", str(tiny_toy_dir / "policy"),
            "--data", str(tiny_toy_dir / "train.jsonl"), "--eval_data", str(tiny_toy_dir / "test.jsonl"),
-           "--backend", "hf", "--max_new_tokens", "60", "--n_problems", "12", "--n_cov", "1", "--n_mc", "4",
+           "--backend", "hf", "--max_new_tokens", "60", "--n_problems", "12", "--n_cov", "1", "--mc_rollouts", "4",
            "--ks", "1,2,4", "--epochs", "2", "--lr", "1e-3", "--batch_tokens", "2048", "--max_len", "512",
-           "--ns", "1,2,4", "--search_ns", "4", "--max_depth", "3", "--n_test", "6", "--rl_steps", "2",
+           "--ns", "1,2,4", "--search_ns", "4", "--max_depth", "3", "--n_eval_problems", "6", "--rl_steps", "2",
            "--rl_prompts", "4", "--rl_eval_every", "1", "--rl_eval_samples", "2", "--rl_lr", "1e-3", "--seeds", "0,1"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

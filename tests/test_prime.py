@@ -83,7 +83,7 @@ def test_filter_and_pairwise_accuracy():
     assert P.rollouts_to_reach(curve, 0.3) == 20 and P.rollouts_to_reach(curve, 0.9) is None
 
 
-TINY = ["--steps", "3", "--prompts_per_step", "4", "--eval_problems", "4", "--eval_every", "2", "--max_new_tokens", "40",
+TINY = ["--steps", "3", "--prompts_per_step", "4", "--n_eval_problems", "4", "--eval_every", "2", "--max_new_tokens", "40",
         "--filter_low", "0", "--filter_high", "1", "--micro_batch", "8"]
 
 

@@ -47,29 +47,29 @@ def _rows(tok, first_bad: list[int], m: int = 8):
 
 
 def test_mc_labels_match_the_first_error(tok):
-    args = P.Args(rollouts=3)
+    args = P.Args(mc_rollouts=3)
     rows = _rows(tok, [-1, 0, 3, 7])
     gen = MockPolicy(tok)
     spent = P.label_mc(gen, tok, rows, args)
     assert [r["labels"] for r in rows] == [[True] * 8, [False] * 8, [True] * 3 + [False] * 5, [True] * 7 + [False]]
     assert spent == gen.calls == 3 * (1 + 4 + 7)  # front to back, each wrong solution stops at its first zero
     full = _rows(tok, [-1, 0, 3, 7])
-    spent = P.label_mc(MockPolicy(tok), tok, full, P.Args(rollouts=3, first_error=False))
+    spent = P.label_mc(MockPolicy(tok), tok, full, P.Args(mc_rollouts=3, first_error=False))
     assert spent == 3 * 7 * 3 and full[2]["labels"] == [True] * 3 + [False] * 5  # every prefix of the 3 wrong ones
     mono = _rows(tok, [-1, 0, 3, 7])  # untruncated, but no rollouts past a zero: same labels, fewer rollouts
-    spent = P.label_mc(MockPolicy(tok), tok, mono, P.Args(rollouts=3, first_error=False, mc_monotone=True))
+    spent = P.label_mc(MockPolicy(tok), tok, mono, P.Args(mc_rollouts=3, first_error=False, mc_monotone=True))
     assert spent == 3 * (1 + 4 + 7) and [r["labels"] for r in mono] == [r["labels"] for r in full]
     soft = _rows(tok, [3])
-    P.label_mc(MockPolicy(tok), tok, soft, P.Args(rollouts=2, label_type="soft"))
+    P.label_mc(MockPolicy(tok), tok, soft, P.Args(mc_rollouts=2, label_type="soft"))
     assert soft[0]["labels"] == [1.0] * 3 + [0.0] * 5
     for kw, want in (({}, 0.7), ({"rollout_temperature": 0.2}, 0.2)):  # the completer's own temperature
         gen = MockPolicy(tok)
-        P.label_mc(gen, tok, _rows(tok, [3]), P.Args(rollouts=2, temperature=0.7, **kw))
+        P.label_mc(gen, tok, _rows(tok, [3]), P.Args(mc_rollouts=2, temperature=0.7, **kw))
         assert gen.temperature == want
 
 
 def test_omega_binary_search_spends_log_rollouts(tok):
-    args = P.Args(rollouts=4)
+    args = P.Args(mc_rollouts=4)
     rows = _rows(tok, [-1, 0, 3, 5, 7])
     gen = MockPolicy(tok)
     spent = P.label_omega(gen, tok, rows, args)
@@ -136,8 +136,8 @@ def _run(args, timeout=900, torchrun=False):
 def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     out = tmp_path / "prm"
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--n_problems", "6", "--samples_per_problem", "2",
-          "--rollouts", "2", "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1",
-          "--baselines", "outcome,exact"])
+          "--mc_rollouts", "2", "--max_new_tokens", "40", "--n_eval_problems", "8", "--epochs", "1",
+          "--labels", "mc", "--baselines", "outcome,exact", "--init", str(tiny_toy_dir / "policy")])
     ev = json.loads((out / "eval.json").read_text())
     for k in ("toy_processbench_f1", "step_acc", "mc_label_agreement", "outcome_f1", "exact_label_f1",
               "rollouts_per_solution/mc"):
@@ -153,7 +153,7 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     # the PRM starts from the outcome PRM above (--init) and, with lr 0, must end with its weights
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sel), "--n_problems", "3", "--select_prm", str(out / "mc"),
           "--select_from", "4", "--samples_per_problem", "2", "--labels", "outcome", "--baselines", "",
-          "--max_new_tokens", "40", "--eval_problems", "8", "--epochs", "1", "--init", str(out / "outcome"), "--lr", "0"])
+          "--max_new_tokens", "40", "--n_eval_problems", "8", "--epochs", "1", "--init", str(out / "outcome"), "--lr", "0"])
     from safetensors.torch import load_file
     a, b, policy = (load_file(d / "model.safetensors") for d in (out / "outcome", sel / "outcome", tiny_toy_dir / "policy"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -144,11 +144,11 @@ def code_toy(tiny_toy_dir):
 
 def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     out = tmp_path / "rstar"
-    cmd = [sys.executable, "rstar_mcts.py", "--out_dir", str(out), "--n_train", "8", "--n_test", "4",
+    cmd = [sys.executable, "rstar_mcts.py", "--out_dir", str(out), "--n_problems", "8", "--n_eval_problems", "4",
            "--rollouts", "2,2", "--candidates", "2", "--eval_rollouts", "2", "--eval_candidates", "2",
            "--sft_epochs", "1", "--ppm_args", "--min_edit 1 --epochs 1 --batch 8 --max_len 1024",
            "--model", str(code_toy / "policy"), "--base", str(code_toy / "base"),
-           "--data", str(tiny_toy_dir / "train.jsonl"), "--test_data", str(tiny_toy_dir / "test.jsonl"),
+           "--data", str(tiny_toy_dir / "train.jsonl"), "--eval_data", str(tiny_toy_dir / "test.jsonl"),
            "--max_step_tokens", "40", "--max_model_len", "1024", "--exec_timeout", "5", "--sft_batch", "8",
            "--sft_lr", "1e-3", "--backend", "hf", "--rounds", "2", "--hard_rollouts", ""]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

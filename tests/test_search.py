@@ -72,7 +72,7 @@ def test_beam_and_dvts_find_the_good_path_with_an_oracle(tiny_model_dir, diverse
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     gen = StepPolicy(tok)
-    args = S.Args(max_depth=6, agg="min", max_tokens=50)
+    args = S.Args(max_depth=6, agg="min", max_new_tokens=50)
     prompts = [tok.encode(f"Q{i}:", add_special_tokens=False) for i in range(20)]
     ledger = {"calls": 0, "tokens": 0}
     pool = S.beam_search(gen, ["q"] * 20, prompts, 16, 4, StepOracle(), args, ledger, diverse=diverse)
@@ -89,14 +89,15 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     """Train two tiny PRMs with prm_train.py, then run every strategy; results.json holds the contract."""
     prm_out = tmp_path / "prm"
     r = subprocess.run([sys.executable, "prm_train.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(prm_out),
-                        "--n_problems", "4", "--samples_per_problem", "2", "--rollouts", "2", "--max_new_tokens", "40",
-                        "--eval_problems", "4", "--epochs", "1", "--baselines", "outcome"],
+                        "--n_problems", "4", "--samples_per_problem", "2", "--mc_rollouts", "2", "--max_new_tokens", "40",
+                        "--n_eval_problems", "4", "--epochs", "1", "--labels", "mc", "--baselines", "outcome",
+                        "--init", str(tiny_toy_dir / "policy")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "search"
     r = subprocess.run([sys.executable, "search.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out),
                         "--verifiers", f"prm={prm_out / 'mc'},orm={prm_out / 'outcome'},oracle", "--n_problems", "3",
-                        "--ns", "1,4,8", "--search_ns", "4,8", "--max_depth", "2", "--max_tokens", "30"],
+                        "--ns", "1,4,8", "--search_ns", "4,8", "--max_depth", "2", "--max_new_tokens", "30"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -124,7 +125,7 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     out = tmp_path / "cache"
     r = subprocess.run([sys.executable, "search.py", "--toy_dir", str(tiny_toy_dir), "--out_dir", str(out),
                         "--verifiers", f"prm={prm_out / 'mc'}", "--n_problems", "2", "--methods", "maj,beam",
-                        "--ns", "4", "--search_ns", "4", "--max_depth", "2", "--max_tokens", "30", "--cache_check", "4",
+                        "--ns", "4", "--search_ns", "4", "--max_depth", "2", "--max_new_tokens", "30", "--cache_check", "4",
                         "--cache_check_repeats", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -135,3 +136,31 @@ def test_end_to_end_toy(tiny_toy_dir, tmp_path):
     assert res["cache_check/speedup"] == pytest.approx(t["seconds_caching_off"] / t["seconds_caching_on"])
     runs = res["cache_check/beam@4/all_seconds_caching_on"]  # two timed runs, the median reported
     assert len(runs) == 2 and t["seconds_caching_on"] == pytest.approx(sum(runs) / 2)
+
+
+def test_bad_settings_fail_before_any_generation(tmp_path):
+    """An unknown method, aggregation or budget is one line and exit 2 before a model or a toy world loads."""
+    for args, want in ((["--methods", "maj,bogus"], "--methods: unknown ['bogus']"),
+                       (["--agg", "median"], "unknown aggregation 'median'"),
+                       (["--ns", "1,x"], "--ns '1,x': expected a comma list"),
+                       (["--search_ns", "0"], "--search_ns '0': expected budgets >= 1")):
+        r = subprocess.run([sys.executable, "search.py", "--model", str(tmp_path / "no_model"), "--out_dir",
+                            str(tmp_path / "o")] + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+    assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_shards_problems_and_rank0_merges(tiny_toy_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "search.py", "--toy_dir",
+           str(tiny_toy_dir), "--out_dir", str(out), "--verifiers", "oracle", "--n_problems", "5", "--ns", "1,2",
+           "--search_ns", "2", "--beam_width", "2", "--max_depth", "1", "--max_new_tokens", "20", "--backend", "hf"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and all(0 <= res[k] <= 1 for k in ("maj@2", "oracle/bon@2", "oracle/beam@2"))
+    rows = [json.loads(l) for l in (out / "problems.jsonl").read_text().splitlines()]
+    want = [json.loads(l)["problem"] for l in (tiny_toy_dir / "test.jsonl").read_text().splitlines()[:5]]
+    assert [r["problem"] for r in rows] == want and all(len(r["completions"]) == 2 for r in rows)
+    d, lo, hi = res["vs_maj/oracle/bon@2"]
+    assert d == pytest.approx(res["oracle/bon@2"] - res["maj@2"]) and lo - 1e-9 <= d <= hi + 1e-9

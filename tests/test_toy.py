@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import re
 import subprocess
@@ -155,3 +156,69 @@ def test_code_solution_runs_to_the_answer_and_masks_the_output(tiny_model_dir):
     ids, labels = toy.code_row(probs[0], random.Random(0), tok, errors={})
     text = tok.decode([i for i, y in zip(ids, labels) if y == -100])
     assert text == code_prompt(probs[0]["problem"]) + sols[0][-2]  # prompt and the system's output: no loss
+
+
+def _shipped_or_skip():
+    rec = toy.shipped_record()["models"]
+    assert rec, "utils/toy_weights/BUILD.json is missing: the toy world ships its weights"
+    return rec
+
+
+def test_shipped_record_matches_the_loader():
+    """BUILD.json names each shipped model by the hash of the config the loader asks for, and its weights."""
+    import hashlib
+    rec = _shipped_or_skip()
+    want = {"policy": toy.ToyConfig(), "verifier_base": toy.verifier_base_config(toy.ToyConfig()),
+            "code_policy": toy.CodeToyConfig()}
+    for name, cfg in want.items():
+        assert rec[name]["key"] == toy.config_key(cfg) and rec[name]["config"] == toy.asdict(cfg), name
+        assert toy.shipped_name(cfg) == name
+    for name, m in rec.items():
+        assert hashlib.sha256((toy.SHIPPED / name / "model.safetensors").read_bytes()).hexdigest() == m["sha256"], name
+        assert m["command"].startswith("python -m utils.toy") and m["commit"] and m["machine"]
+    for name in ("policy", "verifier_base"):
+        assert set(toy.TARGETS) <= set(rec[name]["calibration"])
+    assert all(m["dtype"] == "float32" for m in rec.values())  # exactly the weights that were calibrated
+    assert toy.shipped_name(toy.ToyConfig(seed=1)) is None  # any other config is built, not shipped
+
+
+def test_readme_calibration_is_the_shipped_one():
+    rec = _shipped_or_skip()["policy"]["calibration"]
+    readme = (ROOT / "README.md").read_text()
+    for label, key in (("greedy accuracy", "greedy_acc"), ("per-sample accuracy at T = 1", "sample_acc_t1")):
+        assert f"| {label} | {100 * rec[key]:.1f}% |" in readme, label
+    assert f"| pass@16 / maj@16 | {100 * rec['pass@16']:.1f}% / {100 * rec['maj@16']:.1f}% |" in readme
+
+
+def test_shipped_world_lays_out_without_building(tmp_path):
+    """An empty cache: the policy, its verifier base and the code models come from utils/toy_weights in
+    seconds, with the shipped calibration; no SFT runs (sft_policy raises in the child)."""
+    code = ("import sys, json, time; sys.path.insert(0, '.'); import utils.toy as T\n"
+            "T.sft_policy = T.calibrate = lambda *a, **k: (_ for _ in ()).throw(SystemExit('built'))\n"
+            "t = time.time(); d = T.ensure_toy(); b = T.ensure_verifier_base(d); c = T.ensure_code_toy(d)\n"
+            "print(json.dumps([str(d), str(b), str(c), time.time() - t]))")
+    env = {**os.environ, "STEPWISE_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d, b, c, seconds = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seconds < 120 and Path(d).parent == tmp_path
+    import torch
+    from safetensors.torch import load_file
+    rec = toy.shipped_record()["models"]
+    for got, name in ((Path(d) / "policy", "policy"), (Path(b), "verifier_base"), (Path(c) / "base", "code_base"),
+                      (Path(c) / "policy", "code_policy")):
+        a, s = load_file(got / "model.safetensors"), load_file(toy.SHIPPED / name / "model.safetensors")
+        assert a.keys() == s.keys() and all(torch.equal(a[k], s[k]) for k in a)
+    calib = json.loads((Path(d) / "calibration.json").read_text())
+    assert calib["source"] == "shipped:policy" and calib["greedy_acc"] == rec["policy"]["calibration"]["greedy_acc"]
+    assert len((Path(d) / "test.jsonl").read_text().splitlines()) == toy.ToyConfig().n_test
+
+
+def test_calibrate_and_rebuild_flags(tmp_path):
+    """--rebuild builds by SFT; --calibrate measures the table again beside the recorded one (tiny config)."""
+    out = tmp_path / "toy"
+    cmd = [sys.executable, "-m", "utils.toy", "--out_dir", str(out), "--n_train", "200", "--n_test", "10",
+           "--sft_steps", "2", "--calib_problems", "3", "--calib_n", "2", "--calibrate", "--rebuild"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| metric | measured now | recorded | target |" in r.stdout and "(built here)" in r.stdout

@@ -2,6 +2,8 @@
 import json
 from dataclasses import dataclass, field
 
+import pytest
+
 from utils.train import MetricsLog, latest_checkpoint, parse_args, save_checkpoint
 
 
@@ -18,6 +20,27 @@ def test_toy_overrides_apply_only_to_unset_flags_of_a_toy_run():
     assert a.lr == 1e-3 and a.epochs == 2  # the user's flag wins over the toy value
     b = parse_args(A, toy, argv=["--model", "some/model"])
     assert b.lr == 1e-5 and b.epochs == 1  # a real model keeps the paper defaults
+
+
+def test_unknown_and_abbreviated_flags_are_errors_naming_the_flag():
+    with pytest.raises(ValueError, match=r"unknown argument --model_name_or_path \(did you mean --model\?\)"):
+        parse_args(A, {}, argv=["--model_name_or_path", "M"])
+    with pytest.raises(ValueError, match=r"unknown argument --ep \(did you mean --epochs\?\)"):
+        parse_args(A, {"epochs": 5}, argv=["--ep", "2"])  # no abbreviation: the toy value cannot overwrite it
+    with pytest.raises(ValueError, match="invalid int value"):
+        parse_args(A, {}, argv=["--epochs", "x"])
+
+
+def test_yaml_config_then_flags_then_toy_values(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("lr: 3.0e-4\nepochs: 7\n")
+    a = parse_args(A, {"lr": 1e-3, "epochs": 5}, argv=["--config", str(cfg), "--epochs", "2"])
+    assert a.lr == 3e-4 and a.epochs == 2  # YAML over the toy value, the command line over YAML
+    cfg.write_text("lr: 1e-4\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown argument 'learning_rate'"):
+        parse_args(A, {}, argv=["--config", str(cfg)])
+    cfg.write_text("lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string: the field's type converts it
+    assert parse_args(A, {}, argv=["--config", str(cfg)]).lr == 1e-4
 
 
 def test_metrics_and_checkpoints(tmp_path, tiny_model_dir):
@@ -55,3 +78,20 @@ def test_token_logprobs_one_sequence_at_a_time_and_one_process_plumbing(tiny_mod
     sd, osd = full_state(model, opt)
     assert sd.keys() == model.state_dict().keys()
     load_optimizer(model, opt, osd)
+
+
+def test_every_recipe_parses_with_its_script():
+    """recipes/<script>_*.yaml: every key is a field of that script's Args, and a flag still overrides it."""
+    import importlib
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    recipes = sorted((root / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 6
+    sys.path.insert(0, str(root))
+    for r in recipes:
+        script = next(s for s in ("prm_train", "search", "eval", "prime", "rstar_mcts", "ppm", "pav")
+                      if r.stem.startswith(s + "_"))
+        mod = importlib.import_module(script)
+        a = parse_args(mod.Args, getattr(mod, "TOY", None), argv=["--config", str(r), "--seed", "3"])
+        assert a.model and a.seed == 3 and a.out_dir.startswith("runs/"), r.name

@@ -154,7 +154,7 @@ def test_qwen_prm_format(tmp_path):
 def test_math_shepherd_format(tmp_path):
     """Math-Shepherd: a causal LM whose tokenizer has a single `ки` token; the model card's recipe:
     f"{question} {step 1} ки\\n{step 2} ки", the "+"/"-" logits at each ки, P(+) of their softmax."""
-    d = tmp_path / "shepherd"
+    d = tmp_path / "math-shepherd-tiny"  # detected by its name and its single-token ки
     t = toy.build_char_tokenizer(d)
     t.add_tokens(["ки"])
     t.save_pretrained(d)
@@ -174,6 +174,86 @@ def test_math_shepherd_format(tmp_path):
     assert v.score_shared([problem], [steps], [2])[0] == pytest.approx(got, abs=1e-5)  # whole-text: rescored
 
 
+def test_a_causal_lm_with_a_one_token_ki_is_not_guessed(tmp_path):
+    """Llama-3's tokenizer has `ки` as one token too (search-and-learn's RLHFlow scorer relies on it): a causal
+    LM is read as Math-Shepherd only when named so; otherwise its format must be given."""
+    d = tmp_path / "Llama3.1-8B-PRM-Deepseek-Data"
+    t = toy.build_char_tokenizer(d)
+    t.add_tokens(["ки"])
+    t.save_pretrained(d)
+    _tiny_base(len(t), seed=2).save_pretrained(d)
+    with pytest.raises(V.VerifierError, match="DIR:FORMAT"):
+        V.load_verifier(str(d), device="cpu")
+    assert V.load_verifier(f"{d}:math-shepherd", device="cpu").meta["text_format"] == "math-shepherd"
+    assert V.load_verifier(f"{d}:rlhflow", device="cpu").meta["text_format"] == "rlhflow"
+    with pytest.raises(V.VerifierError, match="step tags"):  # a step holding the tag: an error, not 0.5
+        V.load_verifier(f"{d}:math-shepherd", device="cpu").score(["q"], [["a ки b", "c"]])
+
+
+def _sentencepiece_like(d):
+    """A Metaspace tokenizer with merged `▁ки`, `▁+`, `▁-` pieces and a BOS, as Mistral's SentencePiece has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:+-=*/\n{}\\") - {" "})
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "▁", "к", "и", "▁к", "▁ки", "▁+", "▁-"] + chars)}
+    merges = [("▁", "к"), ("▁к", "и"), ("▁", "+"), ("▁", "-")]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    t.save_pretrained(d)
+    return t
+
+
+def test_math_shepherd_format_with_a_sentencepiece_tokenizer(tmp_path):
+    """`ки` and the label tokens are `▁`-prefixed pieces there: the card's recipe still finds every tag."""
+    d = tmp_path / "math-shepherd-sp"
+    t = _sentencepiece_like(d)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(5)  # a Llama config (Mistral's family): AutoTokenizer keeps the SentencePiece-style pieces
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(t), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
+    lm.save_pretrained(d)
+    t = AutoTokenizer.from_pretrained(d)  # as the verifier loads it
+    assert len(t.encode("ки", add_special_tokens=False)) == 1 and t.convert_ids_to_tokens(t.encode("+"))[-1] == "▁+"
+    v = V.load_verifier(str(d), device="cpu")
+    problem, steps = "Bo has 12 pens.", ["12 + 4 = 16", "16 - 1 = 15", "The answer is: 15"]
+    got = v.score([problem], [steps])[0]
+    ids = torch.tensor([t.encode(f"{problem} {steps[0]} ки\n{steps[1]} ки\n{steps[2]} ки")])
+    assert ids[0, 0] == t.bos_token_id
+    cand = [t.encode("+")[-1], t.encode("-")[-1]]
+    with torch.no_grad():
+        scores = lm(input_ids=ids).logits[:, :, cand].softmax(-1)[:, :, 0]
+    want = scores[ids == t.encode("ки")[-1]].tolist()
+    assert len(want) == 3 and got == pytest.approx(want, abs=1e-5)
+
+
+def test_rlhflow_format(tmp_path):
+    """RLHFlow's PRMs as search-and-learn scores them (its one-conversation-per-step reference, written out):
+    user turns "{question} {step 1}", "{step 2}", ..., each answered "+"; P(+) of the +/- softmax at the
+    position that predicts the last "+" (logits[-3] with a Llama-3-style template)."""
+    d = tmp_path / "rlhflow"
+    t = toy.build_char_tokenizer(d)
+    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    t.save_pretrained(d)
+    lm = _tiny_base(len(t), seed=6)
+    lm.save_pretrained(d)
+    v = V.load_verifier(f"{d}:rlhflow", device="cpu")
+    problem, steps = "Di has 5 eggs.", ["5 * 3 = 15", "15 - 2 = 13", "The answer is \\boxed{13}."]
+    got = v.score([problem], [steps])[0]
+    cand = [t.encode("+")[-1], t.encode("-")[-1]]
+    want, conv = [], []
+    for k, s in enumerate(steps):
+        conv += [{"content": problem + " " + s if k == 0 else s, "role": "user"}, {"content": "+", "role": "assistant"}]
+        ids = torch.tensor([t.encode(t.apply_chat_template(conv, tokenize=False), add_special_tokens=False)])
+        with torch.no_grad():
+            want.append(lm(input_ids=ids).logits[:, -3, cand].softmax(-1)[0, 0].item())
+    assert got == pytest.approx(want, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(got, got[1:])) > 1e-4  # per-step readings, not one value repeated
+
+
 def test_trl_format(tmp_path):
     """TRL PRMTrainer checkpoint: token classification; [BOS] + prompt ids, then each step's ids followed
     by the separator's ids ("\\n"), softmax(logits)[1] at the separator's last token."""
@@ -186,7 +266,7 @@ def test_trl_format(tmp_path):
     cfg = _tiny_base(len(t), seed=3).config
     cfg.num_labels = 2
     torch.manual_seed(3)
-    m = Qwen2ForTokenClassification(cfg)
+    m = Qwen2ForTokenClassification(cfg).eval()  # eval: the head's dropout off, as the verifier runs it
     torch.nn.init.normal_(m.score.weight, std=1.0)
     m.save_pretrained(d)
     assert V.detect_format(d) == "trl"
@@ -204,15 +284,27 @@ def test_trl_format(tmp_path):
     want = torch.softmax(logits[at], -1)[:, 1].tolist()
     assert got == pytest.approx(want, abs=1e-5) and ids[0] == tk.bos_token_id
     assert V.load_verifier(str(d), device="cpu", fmt="trl").score([problem], [steps])[0] == pytest.approx(got)
+    # another separator (TRL's step_separator is not saved in config.json): verifier.json names the format
+    (d / "verifier.json").write_text(json.dumps({"kind": "prm", "format": "trl", "step_tag": "\n\n"}))
+    ids, at = [tk.bos_token_id] + tk(problem, add_special_tokens=False)["input_ids"], []
+    for s in steps:
+        ids += tk(s, add_special_tokens=False)["input_ids"] + tk.encode("\n\n", add_special_tokens=False)
+        at.append(len(ids) - 1)
+    with torch.no_grad():
+        want2 = torch.softmax(m(input_ids=torch.tensor([ids])).logits[0][at], -1)[:, 1].tolist()
+    assert V.load_verifier(str(d), device="cpu").score([problem], [steps])[0] == pytest.approx(want2, abs=1e-5)
 
 
 def test_verifier_dirs_and_errors(tiny_model_dir, tmp_path):
     with pytest.raises(V.VerifierError, match="no verifier in"):
         V.load_verifier(str(tmp_path / "missing"))
-    with pytest.raises(V.VerifierError, match="--verifier_format"):  # a plain LM: no format to detect
+    with pytest.raises(V.VerifierError, match="DIR:FORMAT"):  # a plain LM: no format to detect
         V.load_verifier(str(tiny_model_dir))
-    with pytest.raises(V.VerifierError, match="unknown --verifier_format"):
+    with pytest.raises(V.VerifierError, match="unknown verifier format"):
         V.load_verifier(str(tiny_model_dir), fmt="nope")
+    with pytest.raises(V.VerifierError, match="unknown verifier dtype"):
+        V.load_verifier(str(tiny_model_dir) + ":trl", dtype="fp8")
+    assert V.split_format("models/a:b:trl") == ("models/a:b", "trl") and V.split_format("d:x") == ("d:x", "")
     old = tmp_path / "old"  # a dir written by an earlier prm_train.py: prm.json, no kind
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(old)

