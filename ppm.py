@@ -218,6 +218,14 @@ def score_rows(model, tok, rows: list[dict], keys: tuple[str, ...], meta: dict, 
     return [torch.stack([vals[(key, i)] for i in range(len(rows))]) if rows else out[key] for key in keys]
 
 
+def drop_too_long(tok, rows: list[dict], keys: tuple[str, ...], meta: dict, max_len: int) -> tuple[list[dict], int]:
+    """The rows whose every scored sequence (prompt + prefix + row[key]) fits max_len, and how many did not:
+    a step cut off by max_len would otherwise be scored at an earlier step's tag (or nowhere)."""
+    keep = [r for r in rows if all(len(encode(tok, r["problem"], r["prefix"] + [r[k]], meta, max_len)[1]) ==
+                                   len(r["prefix"]) + 1 for k in keys)]
+    return keep, len(rows) - len(keep)
+
+
 def pairwise_accuracy(model, tok, pairs: list[dict], meta: dict, args: Args, dev) -> float:
     if not pairs:
         return float("nan")
@@ -254,6 +262,14 @@ def main(args: Args) -> dict:
     model = ValueHeadLM(AutoModelForCausalLM.from_pretrained(init)).to(dev)
     meta = {"kind": "ppm", "objective": args.objective, "scale": args.scale, "prompt_template": CODE_PROMPT,
             "step_tag": "", "chat": False}
+    keys = ("pos", "neg") if args.objective == "ppm" else ("step",)
+    rows, too_long = drop_too_long(tok, rows, keys, meta, args.max_len)
+    pairs["eval"], eval_too_long = drop_too_long(tok, pairs["eval"], ("pos", "neg"), meta, args.max_len)
+    if too_long or eval_too_long:
+        print(f"ppm.py: {too_long} training rows and {eval_too_long} held-out pairs longer than --max_len "
+              f"{args.max_len} left out", flush=True)
+    if not rows and not args.allow_empty:
+        raise ValueError(f"no {args.objective} training rows within --max_len {args.max_len} in {args.trees}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     n_steps = max(1, args.epochs * ((len(rows) + args.batch - 1) // args.batch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
@@ -296,7 +312,8 @@ def main(args: Args) -> dict:
             write_json(out / "verifier.json", meta | {"epoch": epoch + 1, "heldout_pairwise_acc": acc})
     bar.close()
     res = {"objective": args.objective, "train_rows": len(rows), "train_pairs": len(pairs["train"]),
-           "heldout_pairs": len(pairs["eval"]), "heldout_pairwise_acc_init": acc0, "heldout_pairwise_acc": best}
+           "heldout_pairs": len(pairs["eval"]), "too_long": too_long, "heldout_too_long": eval_too_long,
+           "heldout_pairwise_acc_init": acc0, "heldout_pairwise_acc": best}
     write_json(out / "results.json", res)
     print(json.dumps(res), flush=True)
     return res

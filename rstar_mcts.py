@@ -21,6 +21,8 @@ Deviations:
   2. vLLM runs with prefix caching (the original leaves it off); HF generate on CPU.
   3. Code runs in utils/sandbox.py (a fresh process, namespace and limits per program); the original execs
      it in its own worker with shared globals. An error is a non-zero exit, not "error" in the output.
+     Where the sandbox has only rlimits (no root) the run stops before any code runs unless --unsafe_exec;
+     results.json records the mode (`sandbox/isolation`).
   4. Answers are checked by utils/grader.py, not MARIO_EVAL + math_equal.
   5. The PPM is trained by ppm.py in a subprocess (method files never import each other) and read back
      through utils/verifiers.py (kind ppm): tanh(raw / 5), the code's inference rule.
@@ -55,7 +57,7 @@ from utils.data import CODE_STOPS, END_ANSWER, END_CODE, END_STEP, code_prompt, 
 from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
-from utils.sandbox import run_many
+from utils.sandbox import require_isolation, run_many
 from utils.train import MetricsLog, amp, run_main, seed_all, write_json
 from utils.verifiers import load_verifier
 
@@ -96,6 +98,8 @@ class Args:
     max_step_tokens: int = field(default=2048, metadata={"help": "max tokens per step (code: 2048)"})
     max_model_len: int = field(default=4096, metadata={"help": "context length (code: 4096)"})
     exec_timeout: float = field(default=30.0, metadata={"help": "seconds per program run (code: 30)"})
+    unsafe_exec: bool = field(default=False, metadata={"help": "run model-written code even where the sandbox has only "
+                                                               "rlimits (no root: no filesystem or network isolation)"})
     # SFT of policy_{r+1} from the base
     sft_epochs: int = field(default=2, metadata={"help": "epochs over the top-2 trajectories (paper: 2)"})
     sft_lr: float = field(default=7e-6, metadata={"help": "learning rate, linear decay (paper: 7e-6)"})
@@ -576,8 +580,10 @@ def main(args: Args) -> dict:
         raise ValueError("--base, --data and --eval_data are needed with --model")
     train = load_problems(args.data, args.n_problems or None)
     test = load_problems(args.eval_data, args.n_eval_problems or None)
+    isolation = require_isolation(args.unsafe_exec)  # before any model-written code runs
     metrics = MetricsLog(out)
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    res["sandbox/isolation"] = isolation
     res["round_0/greedy_acc"] = res.get("round_0/greedy_acc", evaluate_policy(args.model, test, args))
     policy, ppm_dir = args.model, None
     for r in range(1, args.rounds + 1):

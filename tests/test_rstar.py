@@ -1,6 +1,7 @@
 """rstar_mcts.py and ppm.py: UCT, backup, expansion rules, pairs and losses by hand; end to end on the toy."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    assert res["sandbox/isolation"] == ("namespaces" if os.geteuid() == 0 else "rlimits")
     for k in ("round_1/greedy_acc", "round_1/solved_frac", "round_2/greedy_acc", "round_2/solved_frac",
               "ppm_mcts@2", "pqm_mcts@2", "orm_bon@2", "maj@2"):
         assert k in res and 0.0 <= res[k] <= 1.0, k

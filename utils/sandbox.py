@@ -17,20 +17,28 @@ A bare expression on the last line is printed, as in a REPL (rStar's executor sh
 
 How a call runs. A pool of worker servers (`workers`, default 2), each a clean `python -I` started with an
 empty environment, preloads the libraries solutions import (math, fractions, sympy, numpy when installed)
-and then forks per request, so a call costs two forks, not an interpreter start. Per request:
-  1. an intermediate process unshares new pid, network, mount, IPC and UTS namespaces (needs root, as on
-     these machines and in CI) and forks the child, which is pid 1 of the new pid namespace: when it ends,
-     the kernel kills every process it started, double-forked daemons included;
+and forks a template process before its first request; every call is forked from the template, so a call
+costs two forks, not an interpreter start, and starts from a process state that never held another call's
+code or output (the template receives only a call's pipes and limits; the code reaches the forked process
+through its own pipe, and the output goes straight to the worker). Per request:
+  1. the template forks an intermediate, which reads the code, unshares new pid, network, mount, IPC and UTS
+     namespaces (needs root, as on these machines and in CI) and forks the child, pid 1 of the new pid
+     namespace: when it ends, the kernel kills every process it started, double-forked daemons included;
   2. the child mounts a fresh tmpfs (`disk_mb`) as its working directory, chroots into it (the rest of the
      filesystem does not exist for it, no /bin/sh either), sets RLIMIT_AS (`memory_mb` above the worker's
      own size), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_NPROC, clears the environment, drops to
      an unprivileged uid of its own (so RLIMIT_NPROC holds: the kernel ignores it for root) and execs the
      code in a fresh namespace (`{"__name__": "__main__"}`); the new network namespace has no interface up;
   3. the worker reads stdout and stderr through pipes, at most `max_output` bytes, and SIGKILLs the child at
-     the wall-time limit; it never runs user code itself, so a crash or a GIL-holding call costs one child.
-Without root (or where unshare is refused) the sandbox falls back to rlimits in a temporary directory with
-the environment cleared, the process group killed after each call, and no network or filesystem isolation:
-`isolation()` says which ("namespaces" or "rlimits"; a warning is printed once on the fallback).
+     the wall-time limit, whatever the code did with its descriptors (closed, replaced, or a pause after
+     them); it never runs user code itself, so a crash or a GIL-holding call costs one child.
+Without root (or where unshare is refused; or `Sandbox(mode="rlimits")`) the sandbox falls back to rlimits
+in a temporary directory with the environment cleared and no network or filesystem isolation; the
+intermediate is then a child subreaper that kills every process the call left behind (a setsid daemon
+included) before it reports, and the template, a subreaper too, kills the orphans of an intermediate the code
+killed. `isolation()` says which ("namespaces" or "rlimits"; a warning is printed once on the fallback), and
+`require_isolation(unsafe_exec)` is what a method file calls before it runs model-written code: it refuses
+the fallback unless asked (`--unsafe_exec`).
 """
 from __future__ import annotations
 
@@ -46,6 +54,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, dataclass
 
@@ -158,35 +167,183 @@ def _exec_user(code: str) -> int:
     return status
 
 
-def _handle(req: dict, root: str, uid: int, isolated: bool) -> dict:
-    """One request: fork the intermediate (which unshares and forks the child), read, time out, classify."""
-    import shutil
-    import tempfile
-    import time
-    lim, t0 = Limits(**req["limits"]), time.time()
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of pid (from /proc's parent links; zombies left out), children first."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if state != b"Z":
+                kids.setdefault(int(ppid), []).append(int(d))
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _kill_descendants(pid: int) -> None:
+    """SIGKILL everything under pid and reap what becomes its children, until nothing is left (pid is a
+    subreaper, so a double-forked daemon is reparented to it and found on the next pass)."""
+    for _ in range(1000):
+        procs = _descendants(pid)
+        for p in procs:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        while True:  # reap the dead (zombies are left out of _descendants)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not procs:
+            return
+        time.sleep(0.001)
+
+
+def _subreaper() -> None:
+    _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans below this process become its children
+
+
+def _intermediate(fds: list[int], lim: Limits, root: str, uid: int, isolated: bool) -> None:
+    """Forked from the template per call: reads this call's code (the template never holds one), unshares,
+    forks the child, reports its pid and wait status; without namespaces it is the subreaper that kills
+    whatever the code left behind before it reports. Never returns."""
+    try:
+        w_out, w_err, w_st, r_code = fds
+        chunks = []
+        while chunk := os.read(r_code, 1 << 16):
+            chunks.append(chunk)
+        os.close(r_code)
+        code = b"".join(chunks).decode()
+        work = root
+        if isolated:
+            if _libc().unshare(sum(_CLONE.values())) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+        else:
+            import tempfile
+            _subreaper()
+            work = tempfile.mkdtemp(prefix="call-", dir=root)
+        child = os.fork()
+        if child == 0:
+            _run_child(code, lim, work, uid, isolated, w_out, w_err)
+        os.close(w_out), os.close(w_err)
+        os.write(w_st, struct.pack("q", child))
+        status = os.waitpid(child, 0)[1]
+        if not isolated:  # pid 1 of a namespace takes its tree with it; here the subreaper does
+            _kill_descendants(os.getpid())
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+        os.write(w_st, struct.pack("q", status))
+    except BaseException:  # noqa: BLE001
+        os._exit(1)
+    os._exit(0)
+
+
+def _template(sock, root: str, uid: int, isolated: bool) -> None:
+    """The process every call is forked from: forked from the worker after the preload and before any request,
+    it receives only a call's pipes and limits (never its code or results) and forks an intermediate for each.
+    A subreaper: a process reparented to it that is not one of its intermediates (one whose intermediate was
+    killed) is killed with its tree. Never returns."""
+    import socket
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0), os.dup2(devnull, 1)  # the worker's request and result pipes are not its business
+    os.close(devnull)
+    _subreaper()
+    live: set[int] = set()
+    while True:
+        ready = select.select([sock], [], [], 0.05)[0]  # (wakes to reap and sweep orphans)
+        reaped = False
+        while True:
+            try:
+                pid = os.waitpid(-1, os.WNOHANG)[0]
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            live.discard(pid)
+            reaped = True
+        if reaped and not isolated:
+            me = os.getpid()
+            for p in _descendants(me):
+                if p not in live and _ppid(p) == me:
+                    _kill_tree(p)
+        if not ready:
+            continue
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        if not msg:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _intermediate(fds, Limits(**json.loads(msg)), root, uid, isolated)
+        live.add(pid)
+        for fd in fds:
+            os.close(fd)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid] + _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    """Up to n bytes from fd before the deadline (fewer at end-of-file or when the deadline passes)."""
+    buf = b""
+    while len(buf) < n:
+        left = deadline - time.time()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _handle(code: str, lim: Limits, sock) -> dict:
+    """One call: hand the template this call's pipes, write the code to the intermediate it forks, read the
+    output, enforce the wall-time limit whatever the code does with its descriptors, classify the result."""
+    import socket
+    t0 = time.time()
+    deadline = t0 + lim.timeout
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
     r_st, w_st = os.pipe()
-    work = root if isolated else tempfile.mkdtemp(prefix="call-", dir=root)
-    mid = os.fork()
-    if mid == 0:  # the intermediate: stays in the worker's pid namespace, reports the child's pid and status
-        try:
-            os.close(r_out), os.close(r_err), os.close(r_st)
-            if isolated and _libc().unshare(sum(_CLONE.values())) != 0:
-                raise OSError(ctypes.get_errno(), "unshare")
-            child = os.fork()
-            if child == 0:
-                _run_child(req["code"], lim, work, uid, isolated, w_out, w_err)
-            os.close(w_out), os.close(w_err)
-            os.write(w_st, struct.pack("q", child))
-            os.write(w_st, struct.pack("q", os.waitpid(child, 0)[1]))
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-        os._exit(0)
-    os.close(w_out), os.close(w_err), os.close(w_st)
-    child = struct.unpack("q", os.read(r_st, 8) or struct.pack("q", -1))[0]
+    r_code, w_code = os.pipe()
+    try:
+        socket.send_fds(sock, [json.dumps(asdict(lim)).encode()], [w_out, w_err, w_st, r_code])
+    finally:
+        for fd in (w_out, w_err, w_st, r_code):
+            os.close(fd)
+    try:
+        data = code.encode()
+        while data:
+            data = data[os.write(w_code, data[: 1 << 16]):]
+    except OSError:
+        pass
+    os.close(w_code)
+    head = _read_exact(r_st, 8, deadline + 5.0)  # the child's pid, written right after its fork
+    child = struct.unpack("q", head)[0] if len(head) == 8 else -1
     bufs, open_fds, killed, n = {r_out: bytearray(), r_err: bytearray()}, {r_out, r_err}, None, 0
-    deadline = t0 + lim.timeout
     while open_fds:
         left = deadline - time.time()
         ready = select.select(list(open_fds), [], [], max(0.0, left))[0] if left > 0 else []
@@ -204,22 +361,21 @@ def _handle(req: dict, root: str, uid: int, isolated: bool) -> dict:
                 killed = "output_limit"
         if killed:
             break
+    status = b""
+    if not killed and child > 0:  # the code may have closed its output and still run: the deadline holds
+        status = _read_exact(r_st, 8, deadline)
+        if len(status) < 8 and time.time() >= deadline:
+            killed = "timeout"
     if killed and child > 0:
         for kill in (os.kill, os.killpg):  # pid 1 of the namespace: the kernel takes the rest with it
             try:
                 kill(child, signal.SIGKILL)
             except OSError:
                 pass
-    status = os.read(r_st, 8)
-    os.waitpid(mid, 0)
+    if len(status) < 8:
+        status = _read_exact(r_st, 8, time.time() + 5.0)  # the intermediate reports once the child is gone
     for fd in (r_out, r_err, r_st):
         os.close(fd)
-    if not isolated:
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except OSError:
-            pass
-        shutil.rmtree(work, ignore_errors=True)
     out = bufs[r_out].decode(errors="replace")
     err = bufs[r_err].decode(errors="replace")
     res = {"ok": False, "stdout": out, "stderr": err[-4000:], "seconds": time.time() - t0}
@@ -245,26 +401,34 @@ def _handle(req: dict, root: str, uid: int, isolated: bool) -> dict:
     return res | {"error": "exit", "detail": f"status {code}"}
 
 
-def _serve(slot: int) -> None:
-    """The worker loop: one JSON request per line on stdin, one JSON result per line on stdout."""
+def _serve(slot: int, mode: str) -> None:
+    """The worker loop: one JSON request per line on stdin, one JSON result per line on stdout. The template
+    every call forks from is forked here, before the first request, so no call sees another's code or output."""
     import importlib
+    import socket
     import tempfile
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001  optional libraries
             pass
-    isolated = _probe_namespaces()
+    isolated = mode != "rlimits" and _probe_namespaces()
     root = tempfile.mkdtemp(prefix=f"stepwise-sandbox-{slot}-")
     uid = 61000 + slot  # a uid of its own per worker: RLIMIT_NPROC counts processes per uid
     if isolated:
         os.chmod(root, 0o755)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        ours.close()
+        _template(theirs, root, uid, isolated)
+    theirs.close()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     out.write((json.dumps({"isolation": "namespaces" if isolated else "rlimits"}) + "\n").encode())
     out.flush()
     for line in inp:
         try:
-            res = _handle(json.loads(line), root, uid, isolated)
+            req = json.loads(line)
+            res = _handle(req["code"], Limits(**req["limits"]), ours)
         except Exception as e:  # noqa: BLE001
             res = {"ok": False, "stdout": "", "error": "sandbox", "detail": repr(e)}
         out.write((json.dumps(res) + "\n").encode())
@@ -273,9 +437,9 @@ def _serve(slot: int) -> None:
 
 # ----------------------------------------------------------------------------- the client side
 class _Worker:
-    def __init__(self, slot: int):
+    def __init__(self, slot: int, mode: str = "auto"):
         env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--serve", str(slot)],
+        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--serve", str(slot), mode],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.isolation = json.loads(self.proc.stdout.readline() or b'{"isolation": "none"}')["isolation"]
         self.lock = threading.Lock()
@@ -294,17 +458,21 @@ class _Worker:
 
 
 class Sandbox:
-    """A pool of worker servers (started on first use, stopped at exit). Thread-safe."""
+    """A pool of worker servers (started on first use, stopped at exit). Thread-safe. `mode` "auto": namespaces
+    where this process may unshare them, else rlimits; "rlimits": the fallback even as root (for tests)."""
 
-    def __init__(self, workers: int = 2, **limits):
-        self.n, self.limits, self._workers, self._lock, self._next = workers, Limits(**limits), [], threading.Lock(), 0
+    def __init__(self, workers: int = 2, mode: str = "auto", **limits):
+        if mode not in ("auto", "rlimits"):
+            raise ValueError(f"sandbox mode {mode!r}: auto or rlimits")
+        self.n, self.mode, self.limits = workers, mode, Limits(**limits)
+        self._workers, self._lock, self._next = [], threading.Lock(), 0
 
     def _pool(self) -> list[_Worker]:
         with self._lock:
             self._workers = [w for w in self._workers if w.proc.poll() is None]
             while len(self._workers) < self.n:
-                w = _Worker(len(self._workers))
-                if w.isolation != "namespaces":
+                w = _Worker(len(self._workers), self.mode)
+                if w.isolation != "namespaces" and self.mode == "auto":
                     print(f"warning: sandbox isolation is {w.isolation!r} (no root or unshare refused): rlimits "
                           "only, no filesystem or network isolation", file=sys.stderr, flush=True)
                 self._workers.append(w)
@@ -370,5 +538,16 @@ def isolation() -> str:
     return default_sandbox().isolation()
 
 
+def require_isolation(unsafe_exec: bool = False) -> str:
+    """The default sandbox's mode, for a method file about to run model-written code: "namespaces", or
+    "rlimits" only when `unsafe_exec` (the flag that asks for it); else a one-line ValueError naming the flag."""
+    mode = isolation()
+    if mode != "namespaces" and not unsafe_exec:
+        raise ValueError(f"the sandbox can only run code with rlimits here ({mode}: not root, or unshare refused), "
+                         "so model-written code could read files and open sockets; run as root, or pass "
+                         "--unsafe_exec to run it this way")
+    return mode
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    _serve(int(sys.argv[2]))
+    _serve(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "auto")

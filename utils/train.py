@@ -98,6 +98,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # under torchrun, even with one process
 
     @property
     def main(self) -> bool:
@@ -105,7 +106,8 @@ class Dist:
 
     @property
     def on(self) -> bool:
-        return self.world > 1
+        """Distributed code paths (DDP / FSDP2, collectives): under torchrun, with one process too."""
+        return self.launched or self.world > 1
 
 
 def setup_dist() -> Dist:
@@ -120,7 +122,7 @@ def setup_dist() -> Dist:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, launched=True)
 
 
 def gather_lists(dist: Dist, items: list) -> list:
