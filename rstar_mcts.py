@@ -547,7 +547,8 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
             scores = v.values([p["problem"] for p, _ in flat], [x["steps"] for _, x in flat])
             per["orm_bon"], j = [], 0
             for s in sols:
-                best = max(range(len(s)), key=lambda i: scores[j + i])
+                # answered samples first (the ORM is trained on answer nodes only), as utils.verifiers.best_of_n
+                best = max(range(len(s)), key=lambda i: (s[i]["answer"] is not None, scores[j + i]))
                 per["orm_bon"].append(float(s[best]["correct"]))
                 j += len(s)
         per["pass"] = [float(any(x["correct"] for x in s)) for s in sols]
