@@ -167,18 +167,24 @@ def _exec_user(code: str) -> int:
     return status
 
 
+def _stat(pid: int) -> tuple[bytes, int]:
+    """(state, parent pid) of a process from /proc (b"", -1 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+        return state, int(ppid)
+    except (OSError, ValueError):
+        return b"", -1
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live descendant of pid (from /proc's parent links; zombies left out), children first."""
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat", "rb") as f:
-                    state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-            except (OSError, ValueError):
-                continue
-            if state != b"Z":
-                kids.setdefault(int(ppid), []).append(int(d))
+            state, ppid = _stat(int(d))
+            if state not in (b"Z", b""):
+                kids.setdefault(ppid, []).append(int(d))
     out, todo = [], list(kids.get(pid, []))
     while todo:
         p = todo.pop(0)
@@ -273,7 +279,7 @@ def _template(sock, root: str, uid: int, isolated: bool) -> None:
         if reaped and not isolated:
             me = os.getpid()
             for p in _descendants(me):
-                if p not in live and _ppid(p) == me:
+                if p not in live and _stat(p)[1] == me:
                     _kill_tree(p)
         if not ready:
             continue
@@ -289,12 +295,6 @@ def _template(sock, root: str, uid: int, isolated: bool) -> None:
             os.close(fd)
 
 
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def _kill_tree(pid: int) -> None:
