@@ -102,13 +102,17 @@ def leaf_counts(nodes: list[dict], kids: list[list[int]]) -> list[tuple[int, int
     return counts
 
 
-def path_mean_q(nodes: list[dict], kids: list[list[int]], i: int, best: bool) -> float:
-    """Mean Q along the path from node i to a leaf, following the best (or worst) child by Q."""
+def path_mean_q(nodes: list[dict], kids: list[list[int]], counts: list[tuple[int, int]], i: int, best: bool) -> float:
+    """Mean Q along the path from node i down, following the child of highest Q among those with a correct
+    leaf (best) or of lowest Q among those with a wrong leaf (rS extra_rm_file.py build_partial_solution):
+    dead ends are never followed."""
     qs = [nodes[i]["Q"]]
-    while kids[i]:
-        i = (max if best else min)(kids[i], key=lambda c: nodes[c]["Q"])
+    while True:
+        nxt = [c for c in kids[i] if counts[c][0 if best else 1]]
+        if not nxt:
+            return sum(qs) / len(qs)
+        i = (max if best else min)(nxt, key=lambda c: nodes[c]["Q"])
         qs.append(nodes[i]["Q"])
-    return sum(qs) / len(qs)
 
 
 def prefix_steps(nodes: list[dict], i: int) -> list[str]:
@@ -137,7 +141,8 @@ def ppm_pairs(tree: dict, margin: float = 0.5, min_edit: int = 20) -> list[dict]
                     if p == n:
                         continue
                     qp, qn = nodes[p]["Q"], nodes[n]["Q"]
-                    if qp - qn < margin or path_mean_q(nodes, kids, p, True) <= path_mean_q(nodes, kids, n, False):
+                    if qp - qn < margin or (path_mean_q(nodes, kids, counts, p, True) <=
+                                            path_mean_q(nodes, kids, counts, n, False)):
                         continue
                     if edit_distance(nodes[p]["text"], nodes[n]["text"]) < min_edit:
                         continue
@@ -226,12 +231,15 @@ def drop_too_long(tok, rows: list[dict], keys: tuple[str, ...], meta: dict, max_
     return keep, len(rows) - len(keep)
 
 
-def pairwise_accuracy(model, tok, pairs: list[dict], meta: dict, args: Args, dev) -> float:
+def pairwise_accuracy(model, tok, pairs: list[dict], meta: dict, args: Args, dev) -> tuple[float, float]:
+    """Share of held-out pairs scored pos > neg: all pairs, and the final-step pairs alone (whole
+    trajectories from the question: what picking one answer among several relies on)."""
     if not pairs:
-        return float("nan")
+        return float("nan"), float("nan")
     model.eval()
     pos, neg = score_rows(model, tok, pairs, ("pos", "neg"), meta, args, dev, grad=False)
-    return float((pos > neg).float().mean())
+    hit, final = (pos > neg).float(), torch.tensor([bool(r["final"]) for r in pairs], device=pos.device)
+    return float(hit.mean()), float(hit[final].mean()) if bool(final.any()) else float("nan")
 
 
 def main(args: Args) -> dict:
@@ -274,8 +282,8 @@ def main(args: Args) -> dict:
     n_steps = max(1, args.epochs * ((len(rows) + args.batch - 1) // args.batch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
     log = MetricsLog(out)
-    best, step = -1.0, 0
-    acc0 = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
+    best, best_final, step = -1.0, float("nan"), 0
+    acc0, final0 = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
     print(f"ppm.py: {args.objective}, {len(rows)} training rows ({len(pairs['train'])} pairs), "
           f"{len(pairs['eval'])} held-out pairs; held-out pairwise accuracy at init {acc0:.3f}", flush=True)
     if not rows:
@@ -303,17 +311,20 @@ def main(args: Args) -> dict:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
-        log.log(step, **{"eval/pairwise_acc": acc, "epoch": epoch + 1})
+        acc, final = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
+        log.log(step, **{"eval/pairwise_acc": acc, "eval/pairwise_acc_final": final, "epoch": epoch + 1})
         if acc >= best or acc != acc:  # keep the best epoch (NaN: no held-out pairs, keep the last)
-            best = acc
+            best, best_final = acc, final
             model.save(out)
             tok.save_pretrained(out)
-            write_json(out / "verifier.json", meta | {"epoch": epoch + 1, "heldout_pairwise_acc": acc})
+            write_json(out / "verifier.json", meta | {"epoch": epoch + 1, "heldout_pairwise_acc": acc,
+                                                      "heldout_pairwise_acc_final": final})
     bar.close()
     res = {"objective": args.objective, "train_rows": len(rows), "train_pairs": len(pairs["train"]),
            "heldout_pairs": len(pairs["eval"]), "too_long": too_long, "heldout_too_long": eval_too_long,
-           "heldout_pairwise_acc_init": acc0, "heldout_pairwise_acc": best}
+           "heldout_pairwise_acc_init": acc0, "heldout_pairwise_acc": best,
+           "heldout_final_pairs": sum(bool(r["final"]) for r in pairs["eval"]), "heldout_pairwise_acc_final_init": final0,
+           "heldout_pairwise_acc_final": best_final}
     write_json(out / "results.json", res)
     print(json.dumps(res), flush=True)
     return res

@@ -3,35 +3,49 @@ Can Master Math Reasoning with Self-Evolved Deep Thinking", arXiv 2501.04519), a
 `rStar-math` branch runs it.
 
 A solution is a Python program cut into steps (`# reasoning` + code + a stop tag; utils/data.py holds the
-format); every candidate step is checked by re-running the code of all its ancestors plus itself, from
-scratch, in utils/sandbox.py. Per problem, MCTS runs R rollouts; each walks from the root down, expanding
-every childless node it meets at full width (k candidates, duplicates dropped, one answer child kept) and
-moving to the child of highest UCT = Q + c sqrt(ln N_parent / N) (Eq. 1). An answer child is graded at once
-and its +1/-1 backed up to the root (Eq. 2: terminal-guided annotation, rounds 1-2); a candidate whose code
-fails, or too deep a path, is a dead end worth -1 to itself only. From round 3 each new node first gets one
-visit valued by the PPM (Eq. 3: PPM-augmented annotation). Per round: MCTS on the training problems with
-policy_r (and PPM_r), the top-2 correct trajectories per problem by mean Q become the SFT data, policy_{r+1}
-is SFT'd from the base model (not from policy_r), and ppm.py trains PPM_{r+1} on the round's trees.
-At the end, on test problems at an equal number of rollouts K: PPM-guided MCTS, PQM-guided MCTS, ORM
-best-of-K and majority vote (the paper's reward-model ablation), with paired intervals.
+format); every candidate step is checked by running, from scratch in utils/sandbox.py, the code written since
+the last output (the earlier blocks' code runs first, its output discarded, so their names stay in scope).
+Per problem, MCTS runs R rollouts; each walks from the root down, expanding every childless node it meets at
+full width (k candidates, duplicates dropped; a sample that stopped at <end_of_answer> is kept as the only
+child) and moving to the child of highest UCT = Q + c sqrt(ln N_parent / N) (Eq. 1). An answer child (any
+sample holding "boxed") is graded at once and its +1/-1 backed up to the root (Eq. 2: terminal-guided
+annotation, rounds 1-2); any other sample, tagged or not, is code: if it fails, or the path is too deep, it is
+a dead end worth -1 to itself only. From round 3 each new node first gets one visit valued by the PPM (Eq. 3:
+PPM-augmented annotation). Per round: MCTS on the training problems with policy_r (and PPM_r), the top-2
+correct trajectories per problem by mean Q (then those holding "error" dropped) become the SFT data,
+policy_{r+1} is SFT'd from the base model (not from policy_r), and ppm.py trains PPM_{r+1} on the round's
+trees. At the end, the reward-model ablation on test problems as the code evaluates: K independent MCTS
+searches per problem guided by the PPM, by the PQM, and (the control, toy only) by the toy's exact checker,
+each search giving its highest-value answer; the top-4 of those by value voted, and value-weighted; beside
+them ORM best-of-K and maj@K over K whole samples, and the majority curve up to the searches' token cost, with
+paired intervals and generated tokens for every row.
 
 Deviations:
   1. Unvisited children score 0 in UCT, not +infinity, as in the code (its exploration term is 0 when N = 0):
      a visited child with Q = -1 can win over unvisited siblings. --uct textbook gives the textbook rule.
   2. vLLM runs with prefix caching (the original leaves it off); HF generate on CPU.
   3. Code runs in utils/sandbox.py (a fresh process, namespace and limits per program); the original execs
-     it in its own worker with shared globals. An error is a non-zero exit, not "error" in the output.
-     Where the sandbox has only rlimits (no root) the run stops before any code runs unless --unsafe_exec;
-     results.json records the mode (`sandbox/isolation`).
-  4. Answers are checked by utils/grader.py, not MARIO_EVAL + math_equal.
+     it in its own worker with shared globals, so here the earlier blocks are re-run (output discarded) to
+     put their names in scope. An error is a non-zero exit, not "error" in the output. The output is stdout
+     plus the repr of a trailing expression's value; the code's python tool shows that value alone (str) in
+     place of stdout and, with several print statements, labels each segment's output with its print's
+     arguments. A lone float is rounded to 4 places, as the tool does. Where the sandbox has only rlimits (no
+     root) the run stops before any code runs unless --unsafe_exec; results.json records the mode
+     (`sandbox/isolation`).
+  4. Answers are checked by utils/grader.py, not MARIO_EVAL + math_equal; votes compare the extracted answer
+     strings (the code: math_equiv between answers).
   5. The PPM is trained by ppm.py in a subprocess (method files never import each other) and read back
      through utils/verifiers.py (kind ppm): tanh(raw / 5), the code's inference rule.
-  6. At evaluation each MCTS run's answer is its answer node of highest verifier value (the paper); the
-     code's top-4 vote over 8 to 64 independent runs is not done.
+  6. The top-4 vote breaks a tie in count toward the higher-valued answer (the code draws one at random).
+     Besides the code's rows, results.json has each verifier's single highest-valued answer over the K
+     searches (the paper's rule; the code's "pass 1") and one search alone.
   7. Toy-scale settings (TOY below) replace the paper's when --model is empty; the round-1 policy is the
      toy's bootstrap code policy (the paper's: DeepSeek-Coder-V2-Instruct 236B, few-shot).
   8. SFT puts no loss on the system's output steps (the program's stdout is not the policy's to predict).
   9. One process: no torchrun sharding of the problems (the original spreads trees over vLLM workers).
+ 10. One code error ends a path in every round: the code allows 2 consecutive errors in the bootstrap round
+     (config/sample_mcts.yaml errors_threshold 2; 1 later), which leaves an erring node open one step more.
+ 11. A prompt that no longer fits the context gives a dead end (the code cuts the prompt to fit).
 
     python rstar_mcts.py                                   # toy world on CPU: 2 rounds, then the ablation
     python rstar_mcts.py --model bootstrap_dir --base Qwen2.5-Math-7B --data train.jsonl --eval_data math500 \\
@@ -53,7 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.data import CODE_STOPS, END_ANSWER, END_CODE, END_STEP, code_prompt, load_problems, output_step, program_of
+from utils.data import CODE_STOPS, END_ANSWER, END_CODE, code_prompt, load_problems, output_step, program_of, step_code
 from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
@@ -109,17 +123,27 @@ class Args:
     top_k_sft: int = field(default=2, metadata={"help": "correct trajectories per problem kept for SFT (paper: 2)"})
     ppm_args: str = field(default="", metadata={"help": "extra flags for ppm.py (e.g. '--epochs 2')"})
     # evaluation: the reward-model ablation
-    eval_rollouts: int = field(default=16, metadata={"help": "K: MCTS rollouts, and samples for ORM best-of-K and "
-                                                             "maj@K (paper ^64: 64 runs)"})
+    eval_runs: int = field(default=8, metadata={"help": "K: independent MCTS searches per test problem, each giving "
+                                                        "its highest-value answer; also the samples of ORM best-of-K and "
+                                                        "maj@K (code: 8; 16 for AIME/AMC; the paper's ^64: 64)"})
+    eval_rollouts: int = field(default=12, metadata={"help": "MCTS rollouts (iterations) of each search (code: 12)"})
     eval_candidates: int = field(default=32, metadata={"help": "k at evaluation (code: 32)"})
-    eval_methods: str = field(default="ppm_mcts,pqm_mcts,orm_bon,maj", metadata={"help": "comma list"})
+    top_n: int = field(default=4, metadata={"help": "the vote over the K searches' answers keeps the top_n by value "
+                                                    "(code eval_maj.py: 4)"})
+    maj_samples: int = field(default=64, metadata={"help": "whole samples per test problem for the majority-vote curve "
+                                                           "maj@1..maj_samples, set beside each search at equal "
+                                                           "generated tokens (at least K)"})
+    eval_methods: str = field(default="ppm,pqm,oracle,orm,maj", metadata={"help": "comma list: ppm, pqm (verifier-guided "
+                                                                               "searches), oracle (the toy's exact "
+                                                                               "checker guides them), orm, maj"})
 
 
-# Toy scale (the default run fits 45 minutes on 2 cores): 2 rounds over 200 training problems with the paper's
-# 8 and 16 rollouts, 4 candidates per step, SFT at the toy's learning rate; the ablation on 150 test problems.
-TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_problems=200, n_eval_problems=150, candidates=4, max_step_tokens=80,
-           max_model_len=1024, exec_timeout=5.0, sft_epochs=8, sft_lr=2e-3, sft_batch=8, sft_micro=8,
-           weight_decay=0.01, eval_rollouts=8, eval_candidates=4, backend="hf",
+# Toy scale (the default run fits 45 minutes on 2 cores): 2 rounds over 400 training problems with the paper's
+# 8 and 16 rollouts, 4 candidates per step, SFT at the toy's learning rate; the ablation on 100 test problems:
+# 8 searches of 4 rollouts per problem, the majority curve up to 32 whole samples (about the searches' tokens).
+TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_problems=400, n_eval_problems=100, candidates=4,
+           max_step_tokens=80, max_model_len=1024, exec_timeout=5.0, sft_epochs=8, sft_lr=2e-3, sft_batch=8, sft_micro=8,
+           weight_decay=0.01, eval_runs=8, eval_rollouts=4, eval_candidates=4, maj_samples=32, backend="hf",
            ppm_args="--min_edit 1 --epochs 2 --lr 1e-3 --batch 32 --batch_tokens 8192 --max_len 1024 --eval_frac 0.1")
 
 
@@ -191,29 +215,30 @@ def local_update(node: Node, value: float) -> None:
 
 
 def classify(text: str, finish: str) -> str:
-    """The kind of a sampled step: answer | code | step | dead (no tag: EOS or the token limit)."""
-    if END_ANSWER in text or "boxed" in text:
+    """The kind of a sampled step, as the code parses it (rS agents/utils.py, rstar_step_result_unwrap): a
+    sample holding "boxed" is an answer; any other is code to run, tagged or not (END_CODE: the program's
+    last step); a prompt that did not fit the context gives an empty sample, a dead end."""
+    if finish == "too_long":
+        return "dead"
+    if "boxed" in text:
         return "answer"
-    if END_CODE in text:
-        return "code"
-    if END_STEP in text and finish == "stop":
-        return "step"
-    return "dead"
+    return "code" if END_CODE in text else "step"
 
 
 def new_children(node: Node, samples: list[tuple[str, str]], max_depth: int) -> list[Node]:
-    """Children of one expansion from (text, finish) samples: duplicates dropped, one answer child (the
-    first), beyond max_depth a dead end. Code of step/code children still has to run (`run_children`)."""
-    seen, out, answered = set(), [], False
+    """Children of one expansion from (text, finish) samples, as the code filters them (rS llms/llms.py):
+    duplicate texts dropped; when a sample stopped at END_ANSWER, the first such sample is the only child
+    (its siblings are dropped, so the node becomes terminal once selected). Beyond max_depth a non-answer
+    child is a dead end. Code of step/code children still has to run (`run_children`)."""
+    seen, uniq = set(), []
     for text, finish in samples:
-        if text in seen:
-            continue
-        seen.add(text)
+        if text not in seen:
+            seen.add(text)
+            uniq.append((text, finish))
+    ended = [s for s in uniq if s[1] == "stop" and s[0].endswith(END_ANSWER)]
+    out = []
+    for text, finish in ended[:1] or uniq:
         kind = classify(text, finish)
-        if kind == "answer":
-            if answered:
-                continue
-            answered = True
         ch = Node(text=text, parent=node, kind=kind, depth=node.depth + 1)
         if ch.depth > max_depth and kind != "answer":
             ch.kind = "dead"
@@ -225,8 +250,9 @@ def new_children(node: Node, samples: list[tuple[str, str]], max_depth: int) -> 
 
 
 def run_children(children: list[Node], timeout: float, cache: dict) -> None:
-    """Re-run each step/code child's whole program (ancestors + itself) from scratch; a failure makes it a
-    dead end; an END_CODE child gets the system's output step appended to its text."""
+    """Run each step/code child's program from scratch (utils.data.program_of: the code written since the
+    last output, after the earlier blocks' code with its output discarded); a failure makes it a dead end;
+    an END_CODE child gets the system's output step appended to its text."""
     todo = [ch for ch in children if ch.kind in ("step", "code")]
     progs = [program_of(ch.steps()) for ch in todo]
     fresh = sorted({p for p in progs if p not in cache})
@@ -244,6 +270,7 @@ def run_children(children: list[Node], timeout: float, cache: dict) -> None:
 class Tree:
     def __init__(self, problem: dict, prompt_ids: list[int]):
         self.problem, self.prompt_ids, self.root = problem, prompt_ids, Node()
+        self.tokens = 0  # generated by the policy for this tree
         self.ids_of: dict[int, list[int]] = {}
 
     def prefix(self, node: Node, tok) -> list[int]:
@@ -285,6 +312,7 @@ def mcts(gen, trees: list[Tree], rollouts: int, k: int, args: Args, verifier=Non
                 stats["generate_s"] += time.time() - t0
                 fresh = []
                 for i, samples in zip(expand, outs):
+                    trees[i].tokens += sum(len(s.token_ids) for s in samples)
                     stats["tokens"] += sum(len(s.token_ids) for s in samples)
                     cur[i].children = new_children(cur[i], [(s.text, s.finish) for s in samples], args.max_depth)
                     fresh += [(i, ch) for ch in cur[i].children]
@@ -340,10 +368,10 @@ def mean_q(leaf: Node) -> tuple[float, float]:
 
 def top_trajectories(tree: Tree, k: int = 2) -> list[list[str]]:
     """The SFT data of one problem: its k correct trajectories of highest mean Q over the path (ties: the
-    higher minimum Q), none holding an error."""
-    ok = [a for a in tree.answers() if a.correct and not any("error" in s.lower() for s in a.steps())]
-    ok.sort(key=lambda a: mean_q(a), reverse=True)
-    return [a.steps() for a in ok[:k]]
+    higher minimum Q); then those holding "error" are dropped (after the cut to k, as rS
+    train/sample_sft_data.py does, so a problem can give fewer than k)."""
+    ok = sorted([a for a in tree.answers() if a.correct], key=mean_q, reverse=True)[:k]
+    return [a.steps() for a in ok if not any("error" in s.lower() for s in a.steps())]
 
 
 def tree_record(tree: Tree) -> dict:
@@ -474,12 +502,21 @@ def _split_output(steps: list[str]) -> list[str]:
 
 def train_ppm(trees_path: Path, init: str, out: Path, args: Args, objective: str = "ppm") -> Path:
     """ppm.py in a subprocess: a verifier dir of kind ppm (or its pqm / orm ablations) from a round's trees."""
-    if not (out / "verifier.json").exists():
+    if not (out / "results.json").exists():  # ppm.py writes it last: a dir without it is retrained
         cmd = [sys.executable, str(Path(__file__).with_name("ppm.py")), "--trees", str(trees_path), "--model", init,
                "--out_dir", str(out), "--objective", objective, "--seed", str(args.seed), "--allow_empty", "true",
                "--bf16", str(args.bf16).lower()] + args.ppm_args.split()
         subprocess.run(cmd, check=True)
     return out
+
+
+def verifier_figures(vdir: Path, prefix: str) -> dict:
+    """What explains a verifier's row: its training rows and held-out pairwise accuracy, on all pairs and on
+    the final-step pairs alone (ppm.py's results.json)."""
+    f = Path(vdir) / "results.json"
+    keep = ("train_rows", "train_pairs", "heldout_pairs", "heldout_final_pairs", "heldout_pairwise_acc",
+            "heldout_pairwise_acc_final")
+    return {prefix + k: v for k, v in json.loads(f.read_text()).items() if k in keep} if f.exists() else {}
 
 
 # ----------------------------------------------------------------------------- main
@@ -509,7 +546,8 @@ def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], 
         f"{time.time() - t0:.0f} s")
     del gen
     return {"solved_frac": sum(solved) / len(trees), "sft_rows": len(rows), "rollouts": n_roll,
-            "mcts_seconds": time.time() - t0, **stats}, rows
+            "mcts_seconds": time.time() - t0, "distinct_answers_per_tree": float(np.mean(
+                [len({a.answer for a in t.answers()}) for t in trees])), **stats}, rows
 
 
 def evaluate_policy(policy: str, test: list[dict], args: Args) -> float:
@@ -518,46 +556,142 @@ def evaluate_policy(policy: str, test: list[dict], args: Args) -> float:
     return float(np.mean([s[0]["correct"] for s in sols]))
 
 
-def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Path, log) -> dict:
-    """The reward-model ablation at K rollouts per problem on the test problems: PPM- and PQM-guided MCTS
-    (each run's answer: its answer node of highest value), ORM best-of-K and maj@K over K whole samples."""
-    K, methods, res, per = args.eval_rollouts, args.eval_methods.split(","), {}, {}
-    gen = load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed)
+def search_runs(gen, problems: list[dict], verifier, args: Args, desc: str) -> tuple[list[list[dict]], dict]:
+    """The code's evaluation (rS run_example.sh, config/sft_eval_mcts.yaml): K = --eval_runs independent MCTS
+    searches per problem, each of --eval_rollouts rollouts with the verifier's value as every new node's first
+    visit and as the answers' backed-up value; each search keeps its answer node of highest value (rS
+    agents/mcts.py record_intermediate_metric; eval_maj.py max_node_per_tree = 1). Per problem, per search:
+    {answer, value, correct, tokens, distinct (answers in the tree)}; a search with no answer has answer None."""
     tok = gen.tokenizer
-    for name in ("ppm", "pqm"):
-        if f"{name}_mcts" not in methods:
+    K = args.eval_runs
+    trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in problems for _ in range(K)]
+    stats = mcts(gen, trees, args.eval_rollouts, args.eval_candidates, args, verifier, graded=False, desc=desc)
+    runs = []
+    for t in trees:
+        best = max((a for a in t.answers() if a.value is not None), key=lambda a: a.value, default=None)
+        runs.append({"answer": best.answer if best else None, "value": best.value if best else None,
+                     "correct": bool(best and best.correct), "tokens": t.tokens,
+                     "distinct": len({a.answer for a in t.answers()})})
+    return [runs[j * K: (j + 1) * K] for j in range(len(problems))], stats
+
+
+def top_vote(runs: list[dict], top_n: int = 4) -> dict:
+    """rS eval_maj.py over one problem's searches: those with an answer, sorted by value, the top_n kept; the
+    majority vote among them (ties: the higher-valued answer; the code draws one at random), the vote weighted
+    by value (sum of values per answer), and the single highest-valued answer (the paper's pick, the code's
+    "pass 1"). Each: whether the chosen answer is correct."""
+    ranked = sorted([r for r in runs if r["answer"] is not None], key=lambda r: -r["value"])[:top_n]
+    if not ranked:
+        return {"vote": 0.0, "weighted": 0.0, "best": 0.0}
+    count, weight = Counter(r["answer"] for r in ranked), Counter()
+    for r in ranked:
+        weight[r["answer"]] += r["value"]
+    order = list(dict.fromkeys(r["answer"] for r in ranked))  # answers by their best value
+    ok = {a: any(r["correct"] for r in ranked if r["answer"] == a) for a in order}
+    return {"vote": float(ok[max(order, key=lambda a: count[a])]), "weighted": float(ok[max(order, key=lambda a: weight[a])]),
+            "best": float(ranked[0]["correct"])}
+
+
+def majority(samples: list[dict]) -> float:
+    """maj@n over whole samples: the most frequent answer (ties: the first seen) is correct."""
+    votes = Counter(x["answer"] for x in samples if x["answer"] is not None)
+    top = votes.most_common(1)[0][0] if votes else None
+    return float(any(x["correct"] for x in samples if x["answer"] == top) if top else 0.0)
+
+
+def orm_pick(samples: list[dict], scores: list[float]) -> int:
+    """ORM best-of-N: the highest-scored sample among those with an answer (the ORM is trained on answer
+    nodes only, so its score of an unanswered sample is out of distribution), as utils.verifiers.best_of_n."""
+    return max(range(len(samples)), key=lambda i: (samples[i]["answer"] is not None, scores[i]))
+
+
+def oracle_value(problem: str, steps: list[str]) -> float:
+    """The control's value of a partial solution, from the toy's exact checker (utils.toy.check_steps) in the
+    PPM's place: +1 while every code step so far is right (the print that ends the program is right once
+    every operation is done), -1 from the first wrong step on; an answer is +1 when it is correct."""
+    from utils.toy import check_steps, parse_problem
+    n_ops, code = len(parse_problem(problem)["ops"]), []
+    for s in steps:
+        if "boxed" in s:
+            return 1.0 if check_steps(problem, code + [s], code=True).answer_correct else -1.0
+        body = step_code(s).strip("\n")
+        lines = [ln for ln in body.split("\n") if ln.strip() and not ln.strip().startswith("#")]
+        if lines and all(ln.strip().startswith("print(") for ln in lines):
+            if len(code) != n_ops + 1:
+                return -1.0  # the program ends before (or after) every operation is done
             continue
-        v = load_verifier(str(verifiers[name]))
-        trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in test]
-        stats = mcts(gen, trees, K, args.eval_candidates, args, v, graded=False, desc=f"{name} mcts@{K}")
-        picks = [max(t.answers(), key=lambda a: a.value, default=None) for t in trees]
-        per[f"{name}_mcts"] = [float(bool(a and a.correct)) for a in picks]
-        res[f"tokens/{name}_mcts@{K}"] = stats.get("tokens", 0) / len(test)
-    if {"orm_bon", "maj"} & set(methods):
-        sols = solve_whole(gen, test, K, args.temperature, args, seed=args.seed + 7)
-        per["maj"] = []
-        for s in sols:
-            votes = Counter(x["answer"] for x in s if x["answer"] is not None)
-            top = votes.most_common(1)[0][0] if votes else None
-            per["maj"].append(float(any(x["correct"] for x in s if x["answer"] == top) if top else 0.0))
-        res[f"tokens/sample@{K}"] = float(np.mean([sum(x["tokens"] for x in s) for s in sols]))
-        if "orm_bon" in methods:
+        code.append(body)
+    return 1.0 if check_steps(problem, code, code=True).first_error == -1 else -1.0
+
+
+class ToyOracle:
+    """The exact per-step verifier of the toy world, scored like a PPM (`values`: one value per prefix)."""
+
+    def values(self, problems: list[str], steps_lists: list[list[str]]) -> list[float]:
+        return [oracle_value(p, s) for p, s in zip(problems, steps_lists)]
+
+
+def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Path, log) -> dict:
+    """The reward-model ablation on the test problems: per verifier (PPM, PQM, the toy's exact checker as the
+    control) K independent searches, voted as the code votes (top_vote); ORM best-of-K and maj@K over K whole
+    samples; the majority curve maj@n up to --maj_samples, so that each search is set beside the vote at equal
+    generated tokens; generated tokens per problem for every row."""
+    K, methods, res, per = args.eval_runs, args.eval_methods.split(","), {}, {}
+    gen = load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed)
+    for name in ("ppm", "pqm", "oracle"):
+        if name not in methods:
+            continue
+        if name == "oracle":
+            try:
+                [oracle_value(p["problem"], []) for p in test]
+            except ValueError:
+                log("oracle: the test problems are not the toy's, so there is no exact checker: row left out")
+                continue
+            v = ToyOracle()
+        else:
+            v = load_verifier(str(verifiers[name]))
+        runs, stats = search_runs(gen, test, v, args, desc=f"{name}: {K} searches x {args.eval_rollouts} rollouts")
+        votes = [top_vote(r, args.top_n) for r in runs]
+        for key in ("vote", "weighted", "best"):
+            per[f"{name}_{key}"] = [x[key] for x in votes]
+        per[f"{name}_single"] = [float(r[0]["correct"]) for r in runs]  # one search alone: its own pick
+        res[f"tokens/{name}@{K}"] = float(np.mean([sum(x["tokens"] for x in r) for r in runs]))
+        res[f"tokens/{name}_single"] = float(np.mean([r[0]["tokens"] for r in runs]))
+        res[f"{name}/distinct_answers_per_tree"] = float(np.mean([x["distinct"] for r in runs for x in r]))
+        res[f"{name}/searches_without_answer"] = float(np.mean([x["answer"] is None for r in runs for x in r]))
+        res[f"{name}/pass@{K}"] = float(np.mean([any(x["correct"] for x in r) for r in runs]))
+        res[f"{name}/seconds"] = stats.get("generate_s", 0) + stats.get("execute_s", 0) + stats.get("value_s", 0)
+        log(f"{name}: vote@{K} {np.mean(per[f'{name}_vote']):.1%}, {res[f'tokens/{name}@{K}']:.0f} tokens per problem")
+    curve = []
+    if {"orm", "maj"} & set(methods):
+        M = max(K, args.maj_samples)
+        sols = solve_whole(gen, test, M, args.temperature, args, seed=args.seed + 7)
+        curve = sorted({2 ** i for i in range(M.bit_length())} | {K, M})
+        for n in curve:
+            per[f"maj@{n}"] = [majority(s[:n]) for s in sols]
+            res[f"tokens/sample@{n}"] = float(np.mean([sum(x["tokens"] for x in s[:n]) for s in sols]))
+        per[f"pass@{K}"] = [float(any(x["correct"] for x in s[:K])) for s in sols]
+        if "orm" in methods:
             v = load_verifier(str(verifiers["orm"]))
-            flat = [(p, x) for p, s in zip(test, sols) for x in s]
+            flat = [(p, x) for p, s in zip(test, sols) for x in s[:K]]
             scores = v.values([p["problem"] for p, _ in flat], [x["steps"] for _, x in flat])
-            per["orm_bon"], j = [], 0
-            for s in sols:
-                # answered samples first (the ORM is trained on answer nodes only), as utils.verifiers.best_of_n
-                best = max(range(len(s)), key=lambda i: (s[i]["answer"] is not None, scores[j + i]))
-                per["orm_bon"].append(float(s[best]["correct"]))
-                j += len(s)
-        per["pass"] = [float(any(x["correct"] for x in s)) for s in sols]
+            per[f"orm_bon@{K}"] = [float(s[:K][orm_pick(s[:K], scores[j * K: (j + 1) * K])]["correct"])
+                                   for j, s in enumerate(sols)]
     for name, xs in per.items():
-        res[f"{name}@{K}"] = float(np.mean(xs))
-    for a, b in (("ppm_mcts", "pqm_mcts"), ("pqm_mcts", "orm_bon"), ("orm_bon", "maj"), ("ppm_mcts", "orm_bon"),
-                 ("ppm_mcts", "maj")):
-        if a in per and b in per:
-            res[f"diff/{a}-{b}@{K}"] = list(paired_interval(per[a], per[b]))
+        res[name if "@" in name else f"{name}@{K}"] = float(np.mean(xs))
+    for name in ("ppm", "pqm", "oracle"):
+        if f"{name}_vote" not in per:
+            continue
+        pairs = [(f"{name}_{key}", f"maj@{K}") for key in ("vote", "weighted", "best", "single")]
+        for a, b in pairs + [(f"{name}_vote", f"orm_bon@{K}"), (f"{name}_vote", "ppm_vote")]:
+            if a != b and b in per:
+                res[f"diff/{a}-{b.split('@')[0]}@{K}"] = list(paired_interval(per[a], per[b], seed=args.seed))
+        if curve:  # the vote of as many whole samples as the K searches cost in generated tokens
+            n = min(curve, key=lambda c: abs(math.log(max(1.0, res[f"tokens/sample@{c}"]) /
+                                                     max(1.0, res[f"tokens/{name}@{K}"]))))
+            res[f"equal_tokens/{name}"] = {"maj_n": n, "tokens_search": res[f"tokens/{name}@{K}"],
+                                           "tokens_maj": res[f"tokens/sample@{n}"], "maj": res[f"maj@{n}"],
+                                           "diff": list(paired_interval(per[f"{name}_vote"], per[f"maj@{n}"], seed=args.seed))}
     write_jsonl(out / "ablation_per_problem.jsonl", [{"problem": p["problem"], **{k: v[i] for k, v in per.items()}}
                                                      for i, p in enumerate(test)])
     return res
@@ -595,7 +729,7 @@ def main(args: Args) -> dict:
             rd.mkdir(exist_ok=True)
             info, rows = run_round(r, policy, ppm_dir, train, args, rd, log_line)
             sft(args.base, rows, args, rd / "policy", log_line)
-            train_ppm(rd / "trees.jsonl", str(rd / "policy"), rd / "ppm", args)
+            info.update(verifier_figures(train_ppm(rd / "trees.jsonl", str(rd / "policy"), rd / "ppm", args), "ppm/"))
             info["greedy_acc"] = evaluate_policy(str(rd / "policy"), test, args)
             write_json(rd / "done.json", info)
         policy, ppm_dir = str(rd / "policy"), str(rd / "ppm")
@@ -606,8 +740,10 @@ def main(args: Args) -> dict:
         write_json(out / "results.json", res)
     last = out / f"round_{args.rounds}"
     verifiers = {"ppm": last / "ppm"}
-    for obj in ("pqm", "orm"):
+    for obj in [m for m in ("pqm", "orm") if m in args.eval_methods.split(",")]:
         verifiers[obj] = train_ppm(last / "trees.jsonl", str(last / "policy"), last / obj, args, objective=obj)
+    for name, d in verifiers.items():
+        res.update(verifier_figures(d, f"verifier/{name}/"))
     res.update(ablation(policy, verifiers, test, args, out, log_line))
     write_json(out / "results.json", res)
     table = report(res, args)
@@ -617,6 +753,11 @@ def main(args: Args) -> dict:
 
 
 PAPER = {1: (60.17, 69.6), 2: (66.60, 73.6), 3: (77.86, 75.8), 4: (90.25, 78.4)}
+PAPER_RM = {"ppm": 89.4, "pqm": 88.2, "orm_bon": 82.6}  # the paper's reward-model ablation, MATH
+
+
+def _ci(d) -> str:
+    return f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else ""
 
 
 def report(res: dict, args: Args) -> str:
@@ -626,17 +767,31 @@ def report(res: dict, args: Args) -> str:
         ps, pg = PAPER.get(r, ("", ""))
         lines.append(f"| {r} | {100 * res[f'round_{r}/solved_frac']:.1f}% | {100 * res[f'round_{r}/greedy_acc']:.1f}% "
                      f"| {ps}% | {pg}% |")
-    K = args.eval_rollouts
-    lines += ["", f"| method @ {K} rollouts | accuracy | minus the next row (95% paired interval) | paper (MATH) |",
-              "|---|---|---|---|"]
-    paper = {"ppm_mcts": 89.4, "pqm_mcts": 88.2, "orm_bon": 82.6, "maj": ""}
-    nxt = {"ppm_mcts": "pqm_mcts", "pqm_mcts": "orm_bon", "orm_bon": "maj"}
-    for m in ("ppm_mcts", "pqm_mcts", "orm_bon", "maj", "pass"):
-        if f"{m}@{K}" not in res:
+    K = args.eval_runs
+    lines += ["", f"| method (K = {K} searches of {args.eval_rollouts} rollouts, or K samples) | accuracy | tokens / "
+              f"problem | minus maj@{K} (95% paired) | minus majority at equal tokens | paper (MATH) |",
+              "|---|---|---|---|---|---|"]
+    for name in ("oracle", "ppm", "pqm"):
+        if f"{name}_vote@{K}" not in res:
             continue
-        d = res.get(f"diff/{m}-{nxt.get(m)}@{K}")
-        ci = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else ""
-        lines.append(f"| {m} | {100 * res[f'{m}@{K}']:.1f}% | {ci} | {paper.get(m, '')} |")
+        eq = res.get(f"equal_tokens/{name}")
+        eqs = f"maj@{eq['maj_n']} {100 * eq['maj']:.1f}%: {_ci(eq['diff'])}" if eq else ""
+        for key, label in (("vote", f"top-{args.top_n} vote"), ("weighted", "weighted vote"), ("best", "highest value"),
+                           ("single", "one search alone")):
+            tok = res[f"tokens/{name}_single" if key == "single" else f"tokens/{name}@{K}"]
+            lines.append(f"| {name} MCTS, {label} | {100 * res[f'{name}_{key}@{K}']:.1f}% | {tok:.0f} | "
+                         f"{_ci(res.get(f'diff/{name}_{key}-maj@{K}'))} | {eqs if key == 'vote' else ''} | "
+                         f"{PAPER_RM.get(name, '') if key == 'best' else ''} |")
+    for name, label in (("orm_bon", f"ORM best-of-{K}"), ("maj", f"majority of {K}"), ("pass", f"pass@{K}")):
+        if f"{name}@{K}" in res:
+            lines.append(f"| {label} | {100 * res[f'{name}@{K}']:.1f}% | {res.get(f'tokens/sample@{K}', 0):.0f} | | | "
+                         f"{PAPER_RM.get(name, '')} |")
+    curve = sorted(int(k.split("@")[1]) for k in res if k.startswith("maj@"))
+    if curve:
+        lines += ["", "| majority of n samples | " + " | ".join(str(n) for n in curve) + " |",
+                  "|---|" + "---|" * len(curve),
+                  "| accuracy | " + " | ".join(f"{100 * res[f'maj@{n}']:.1f}%" for n in curve) + " |",
+                  "| tokens / problem | " + " | ".join(f"{res[f'tokens/sample@{n}']:.0f}" for n in curve) + " |"]
     return "\n".join(lines) + "\n"
 
 

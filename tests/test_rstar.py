@@ -58,16 +58,43 @@ def test_backup_to_root_and_local_update():
     assert (root.N, root.Q, a.Q) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
 
 
-def test_new_children_dedupe_single_answer_depth():
+def test_new_children_as_the_code_filters_them():
     root = rs.Node(depth=0)
     step = f"\n# Ana buys 2 more.\ncoins = coins + 2\n{END_STEP}"
     ans1 = f"\n<answer>The answer is \\boxed{{5}}.\n{END_ANSWER}"
     ans2 = f"\n<answer>The answer is \\boxed{{6}}.\n{END_ANSWER}"
-    kids = rs.new_children(root, [(step, "stop"), (step, "stop"), (ans1, "stop"), (ans2, "stop"), ("junk", "eos")], 16)
-    assert [k.kind for k in kids] == ["step", "answer", "dead"]
-    assert kids[1].answer == "5" and kids[1].terminal and kids[2].terminal and not kids[0].terminal
+    # a sample that stopped at END_ANSWER: the first such is the only child, its siblings are dropped ...
+    kids = rs.new_children(root, [(step, "stop"), (step, "stop"), (ans1, "stop"), (ans2, "stop")], 16)
+    assert [(k.kind, k.answer, k.terminal) for k in kids] == [("answer", "5", True)]
+    root.children = kids
+    assert rs.select_child(root, 2.0) is None  # ... so the node is terminal once selected
+    # without one: duplicates dropped; an untagged or truncated sample is code to run; "boxed" makes an answer
+    boxed_step = f"\nThe answer is \\boxed{{7}}.\n{END_STEP}"
+    kids = rs.new_children(rs.Node(), [(step, "stop"), (step, "stop"), ("coins = 1", "eos"), ("coins = co", "length"),
+                                       (boxed_step, "stop"), (f"\nprint(coins)\n{END_CODE}", "stop"), ("", "too_long")], 16)
+    assert [k.kind for k in kids] == ["step", "step", "step", "answer", "code", "dead"]
+    assert [k.terminal for k in kids] == [False, False, False, True, False, True]
     deep = rs.Node(depth=16)
     assert rs.new_children(deep, [(step, "stop")], 16)[0].kind == "dead"
+    assert rs.new_children(deep, [(ans1, "stop")], 16)[0].kind == "answer"  # an answer past the depth is graded
+
+
+def test_program_of_runs_the_block_since_the_last_output():
+    from utils.data import output_step
+    from utils.sandbox import run_many
+    s1 = f"<code>\n# Ana has 3 coins.\ncoins = 3\nprint('early')\n{END_STEP}"
+    code = f"\nprint(coins)\n{END_CODE}"
+    more = f"\n# Ana then has twice as many.\ncoins = coins * 2\n{END_STEP}"
+    outs = run_many([program_of([s1, code]), program_of([s1, code + output_step("3"), more, code]),
+                     program_of([s1, code + output_step("3"), f"\nprint(cons)\n{END_CODE}"])], timeout=5)
+    assert outs[0].stdout == "early\n3\n"  # one block: all of it, its output shown
+    assert outs[1].ok and outs[1].stdout == "6\n"  # after an output: the earlier names in scope, their output not
+    assert not outs[2].ok  # an error in the new block is an error
+    # a whole solution (output and answer steps are not code) is one block
+    sol = [s1, code, output_step("3"), f"\n<answer>\\boxed{{3}}\n{END_ANSWER}"]
+    assert "exec(" not in program_of(sol) and program_of(sol).splitlines()[-1] == "print(coins)"
+    # the python tool's rounding: a lone float to 4 places where that is shorter
+    assert output_step("3.3333333") == "\n<output>3.3333\n<end_of_output>" and "<output>5\n" in output_step("5")
 
 
 def test_run_children_reruns_the_whole_program():
@@ -81,6 +108,45 @@ def test_run_children_reruns_the_whole_program():
     rs.run_children([s2, bad, code], 5.0, cache)
     assert bad.kind == "dead" and bad.terminal and s2.kind == "step"
     assert code.text.endswith("\n<output>6\n<end_of_output>") and len(cache) == 3
+    after = _node(code, text=f"\n# one more\ncoins = coins + 1\n{END_STEP}", kind="step")
+    rs.run_children([after], 5.0, cache)  # code after an output step runs (it was a syntax error before)
+    assert after.kind == "step" and not after.terminal
+
+
+def test_top_vote_and_orm_pick_by_hand():
+    runs = [{"answer": "5", "value": 0.9, "correct": False}, {"answer": "7", "value": 0.8, "correct": True},
+            {"answer": "7", "value": 0.1, "correct": True}, {"answer": "5", "value": 0.7, "correct": False},
+            {"answer": "7", "value": 0.6, "correct": True}, {"answer": None, "value": None, "correct": False}]
+    # top 4 by value: 5 (.9), 7 (.8), 5 (.7), 7 (.6): a 2-2 tie goes to the higher-valued answer, 5 (wrong);
+    # weights 5: 1.6, 7: 1.4 -> 5; the highest value alone: 5
+    assert rs.top_vote(runs, 4) == {"vote": 0.0, "weighted": 0.0, "best": 0.0}
+    # top 5 adds 7 (.1): 7 has 3 votes (right); weights 5: 1.6, 7: 1.5 -> still 5
+    assert rs.top_vote(runs, 5) == {"vote": 1.0, "weighted": 0.0, "best": 0.0}
+    runs[2]["value"] = 0.3  # weights 5: 1.6, 7: 1.7 -> 7
+    assert rs.top_vote(runs, 5) == {"vote": 1.0, "weighted": 1.0, "best": 0.0}
+    assert rs.top_vote([runs[-1]], 4) == {"vote": 0.0, "weighted": 0.0, "best": 0.0}  # no search answered
+    assert rs.majority([{"answer": "3", "correct": False}, {"answer": "4", "correct": True},
+                        {"answer": "4", "correct": True}, {"answer": None, "correct": False}]) == 1.0
+    samples = [{"answer": None}, {"answer": "4"}, {"answer": "5"}]
+    assert rs.orm_pick(samples, [0.99, 0.2, 0.6]) == 2  # the unanswered sample's high score does not win
+    assert rs.orm_pick([{"answer": None}, {"answer": None}], [0.1, 0.3]) == 1
+
+
+def test_oracle_value_is_the_exact_checker():
+    p = "Ana has 6 pens. Ana buys 4 more. Ana then has twice as many. How many pens does Ana have now?"
+    s0 = f"<code>\n# Ana has 6 pens.\npens = 6\n{END_STEP}"
+    good = f"\n# Ana buys 4 more.\npens = pens + 4\n{END_STEP}"
+    misread = f"\n# Ana buys 4 more.\npens = pens + 9\n{END_STEP}"
+    twice = f"\n# Ana then has twice as many.\npens = pens * 2\n{END_STEP}"
+    pr = f"\nprint(pens)\n{END_CODE}\n<output>20\n<end_of_output>"
+    ans = f"\n<answer>The answer is \\boxed{{20}}.\n{END_ANSWER}"
+    v = rs.oracle_value
+    assert v(p, [s0]) == 1.0 and v(p, [s0, good]) == 1.0 and v(p, [s0, misread]) == -1.0
+    assert v(p, [s0, misread, twice]) == -1.0  # wrong from the first wrong step on
+    assert v(p, [s0, good, twice, pr]) == 1.0 and v(p, [s0, good, pr]) == -1.0  # a print before the last operation
+    assert v(p, [s0, good, twice, pr, ans]) == 1.0
+    assert v(p, [s0, good, twice, pr, ans.replace("20", "21")]) == -1.0
+    assert rs.ToyOracle().values([p, p], [[s0, good], [s0, misread]]) == [1.0, -1.0]
 
 
 def _tree():
@@ -118,6 +184,21 @@ def test_ppm_pairs_by_hand():
     assert len(ppm.pqm_rows(t)) == 7  # every visited node but the root and the dead end
 
 
+def test_path_mean_q_follows_only_children_with_the_outcome():
+    # a (Q .5) -> x (never visited, no leaf, Q 0) and y (Q -.5) -> Y (correct, Q 1) and Z (wrong, Q -1)
+    nodes = [{"parent": -1, "Q": 0.0, "kind": "root", "correct": None},
+             {"parent": 0, "Q": 0.5, "kind": "step", "correct": None},
+             {"parent": 1, "Q": 0.0, "kind": "step", "correct": None},
+             {"parent": 1, "Q": -0.5, "kind": "step", "correct": None},
+             {"parent": 3, "Q": 1.0, "kind": "answer", "correct": True},
+             {"parent": 3, "Q": -1.0, "kind": "answer", "correct": False}]
+    kids = ppm.children_of(nodes)
+    counts = ppm.leaf_counts(nodes, kids)
+    # best: a -> y -> Y (x, highest Q, has no correct leaf): (.5 - .5 + 1) / 3; worst: a -> y -> Z
+    assert ppm.path_mean_q(nodes, kids, counts, 1, True) == pytest.approx(1 / 3)
+    assert ppm.path_mean_q(nodes, kids, counts, 1, False) == pytest.approx(-1 / 3)
+
+
 def test_bt_loss_weighted_by_counts():
     rp, rn = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
     pc, nc = torch.tensor([2.0, 1.0]), torch.tensor([2.0, 4.0])
@@ -134,7 +215,9 @@ def test_top_trajectories_by_mean_q():
     b = _node(tree.root, N=3, W=1.0, text="b")
     for parent, q, ok, text in ((a, 1.0, True, "A"), (b, 1.0, True, "B"), (b, -1.0, False, "X"), (a, 1.0, True, "error A")):
         _node(parent, N=1, W=q, kind="answer", correct=ok, text=text)
-    assert rs.top_trajectories(tree, 2) == [["a", "A"], ["b", "B"]]  # "error" trajectories are not SFT data
+    # top 2 by mean Q: a+A (1.0), a+"error A" (1.0, tie on min); then "error" ones dropped: b+B is not promoted
+    assert rs.top_trajectories(tree, 2) == [["a", "A"]]
+    assert rs.top_trajectories(tree, 3) == [["a", "A"], ["b", "B"]]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +229,8 @@ def code_toy(tiny_toy_dir):
 def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     out = tmp_path / "rstar"
     cmd = [sys.executable, "rstar_mcts.py", "--out_dir", str(out), "--n_problems", "8", "--n_eval_problems", "4",
-           "--rollouts", "2,2", "--candidates", "2", "--eval_rollouts", "2", "--eval_candidates", "2",
+           "--rollouts", "2,2", "--candidates", "2", "--eval_runs", "2", "--eval_rollouts", "2", "--eval_candidates", "2",
+           "--maj_samples", "4",
            "--sft_epochs", "1", "--ppm_args", "--min_edit 1 --epochs 1 --batch 8 --max_len 1024",
            "--model", str(code_toy / "policy"), "--base", str(code_toy / "base"),
            "--data", str(tiny_toy_dir / "train.jsonl"), "--eval_data", str(tiny_toy_dir / "test.jsonl"),
@@ -157,8 +241,13 @@ def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     res = json.loads((out / "results.json").read_text())
     assert res["sandbox/isolation"] == ("namespaces" if os.geteuid() == 0 else "rlimits")
     for k in ("round_1/greedy_acc", "round_1/solved_frac", "round_2/greedy_acc", "round_2/solved_frac",
-              "ppm_mcts@2", "pqm_mcts@2", "orm_bon@2", "maj@2"):
+              "ppm_vote@2", "pqm_vote@2", "oracle_vote@2", "ppm_weighted@2", "ppm_best@2", "ppm_single@2",
+              "orm_bon@2", "maj@2", "maj@4", "pass@2"):
         assert k in res and 0.0 <= res[k] <= 1.0, k
+    assert "verifier/ppm/heldout_pairwise_acc_final" in res and "verifier/orm/train_rows" in res
+    assert res["tokens/oracle@2"] > res["tokens/oracle_single"] > 0 and res["tokens/sample@4"] > res["tokens/sample@2"] > 0
+    assert res["equal_tokens/oracle"]["maj_n"] in (1, 2, 4) and "round_1/distinct_answers_per_tree" in res
+    assert "| oracle MCTS, top-4 vote |" in (out / "results.md").read_text()
     tree = json.loads((out / "round_1" / "trees.jsonl").read_text().splitlines()[0])
     nodes = tree["nodes"]
     answers = sum(n["kind"] == "answer" for n in nodes)

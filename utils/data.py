@@ -125,10 +125,13 @@ def step_spans(tok, ids: list[int]) -> tuple[list[str], list[int]]:
 # A solution is one Python program cut into steps: "# reasoning" comments plus code, each step ending in a stop
 # tag; the last code step prints the answer and ends in END_CODE; the system appends the program's output
 # (an OUTPUT step); an answer step holds \boxed{...} and ends in END_ANSWER. A step's text includes its tag.
-END_STEP, END_CODE, END_ANSWER = "<end_of_step>", "<end_of_code>", "<end_of_answer>"
+END_STEP, END_CODE, END_ANSWER, END_OUTPUT = "<end_of_step>", "<end_of_code>", "<end_of_answer>", "<end_of_output>"
 CODE_STOPS = (END_STEP, END_CODE, END_ANSWER)
 CODE_PROMPT = "<|user|>:\n{problem}\n<|assistant|>: Let's think step by step and solve the problem with code."
 _TAGS = re.compile(r"<code>|<end_of_step>|<end_of_code>")
+# runs the code before the current block with its output discarded: its definitions stay in scope
+_SILENT = ("import io as _rs_io, sys as _rs_sys\n_rs_out, _rs_sys.stdout = _rs_sys.stdout, _rs_io.StringIO()\n"
+           "try:\n    exec(compile({src!r}, '<earlier blocks>', 'exec'))\nfinally:\n    _rs_sys.stdout = _rs_out\n")
 
 
 def code_prompt(problem: str) -> str:
@@ -136,25 +139,43 @@ def code_prompt(problem: str) -> str:
     return CODE_PROMPT.format(problem=problem)
 
 
+def step_code(step: str) -> str:
+    """A code step's Python: its tags stripped, an END_CODE step's appended output step cut off."""
+    return _TAGS.sub("", step.split("\n<output>", 1)[0])
+
+
 def program_of(steps: list[str]) -> str:
-    """The program that steps so far make: every code step's text with the tags stripped, up to and including
-    the END_CODE step (output and answer steps are not code)."""
-    code = []
+    """The program the last code step runs, as rStar-Math's code runs it (rStar agents/tree.py,
+    collect_action_inputs): the code written since the last END_CODE / END_OUTPUT is the block whose
+    output is shown; the code of the earlier blocks runs first with its output discarded, so that their
+    definitions stay in scope (the original's shared interpreter globals). Output and answer steps are
+    not code; an END_CODE step's appended output step is cut off; steps after the last code step are
+    ignored."""
+    code, ends = [], []
     for s in steps:
         if s.lstrip().startswith(("<output>", "<answer>")):
-            break
-        code.append(_TAGS.sub("", s))
-        if END_CODE in s:
-            break
-    return "\n".join(c.strip("\n") for c in code if c.strip()) + "\n"
+            if ends:
+                ends[-1] = True  # a separate output step closes the block before it
+            continue
+        code.append(step_code(s))
+        ends.append(END_CODE in s or END_OUTPUT in s)
+    cut = max((i + 1 for i, e in enumerate(ends[:-1]) if e), default=0)
+    join = lambda xs: "\n".join(c.strip("\n") for c in xs if c.strip()) + "\n"  # noqa: E731
+    return (_SILENT.format(src=join(code[:cut])) if cut else "") + join(code[cut:])
 
 
 def output_step(stdout: str, cap: int = 1024) -> str:
-    """The system's step after END_CODE: the program's output, cut to head...tail past `cap` characters."""
+    """The system's step after END_CODE: the program's output, a lone float rounded to 4 places where
+    that is shorter (rStar's python tool), cut to head...tail past `cap` characters."""
     out = stdout.strip("\n")
+    try:
+        short = str(round(float(out), 4))
+        out = out if len(out) < len(short) else short
+    except (ValueError, OverflowError):
+        pass
     if len(out) > cap:
         out = out[: cap // 2] + "..." + out[-cap // 2:]
-    return f"\n<output>{out}\n<end_of_output>"
+    return f"\n<output>{out}\n{END_OUTPUT}"
 
 
 # ----------------------------------------------------------------------------- step-label converters
