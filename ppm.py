@@ -22,9 +22,12 @@ Deviations:
      never trained on; the best epoch by held-out pairwise accuracy is kept, as the code keeps its best checkpoint.
   4. Toy-scale settings (TOY below) when --model is empty: among them --min_edit 1 (a toy step is one
      sentence and one line, and a misreading changes one character).
+  5. Under torchrun the model is sharded with FSDP2 (the code: FSDP through HF Trainer); each rank scores a
+     slice of every batch and runs as many forwards as the busiest rank.
 
     python ppm.py --trees runs/rstar/round_1/trees.jsonl                 # toy: the round-1 SFT policy as init
     python ppm.py --trees trees.jsonl --model SLM-r2 --objective pqm --out_dir runs/pqm
+    torchrun --nproc_per_node 8 ppm.py --trees trees.jsonl --model SLM-r2 --bf16 true   # FSDP2 over the ranks
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data import CODE_PROMPT, read_jsonl, write_jsonl
-from utils.train import MetricsLog, amp, run_main, seed_all, write_json
+from utils.train import Dist, MetricsLog, amp, full_state, gather_lists, run_main, seed_all, setup_dist, shard, write_json
 from utils.verifiers import ValueHeadLM, collate, encode, make_batches
 
 OBJECTIVES = ("ppm", "pqm", "orm")
@@ -60,6 +63,9 @@ class Args:
     batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward"})
     max_len: int = field(default=2048, metadata={"help": "max tokens of a scored sequence (code: 2048)"})
     eval_frac: float = field(default=0.05, metadata={"help": "share of problems held out (code: 5%)"})
+    heldout_from: str = field(default="", metadata={"help": "another run's pairs.jsonl: its held-out problems are left "
+                                                            "out of training and its held-out pairs are the ones "
+                                                            "scored (the same for every run: curves over data)"})
     scale: float = field(default=5.0, metadata={"help": "inference value tanh(raw / scale) (code: 5)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on GPU, fp32 master weights (the paper trains in bf16)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -205,22 +211,35 @@ def orm_loss(raw: torch.Tensor, outcome: torch.Tensor, scale: float = 5.0) -> to
 
 
 # ----------------------------------------------------------------------------- training
-def score_rows(model, tok, rows: list[dict], keys: tuple[str, ...], meta: dict, args: Args, dev, grad: bool):
-    """Raw scores of prompt + prefix + row[key] for each key (one tensor per key, in row order)."""
+def score_rows(model, tok, rows: list[dict], keys: tuple[str, ...], meta: dict, args: Args, dev, grad: bool,
+               dist: Dist | None = None):
+    """Raw scores of prompt + prefix + row[key] for each key (one tensor per key, in row order). Under
+    torchrun every rank runs as many forwards as the rank with the most (FSDP's collectives run per forward):
+    the extra ones repeat a micro-batch and add 0 times their output to the first score."""
     ex = []
     for i, r in enumerate(rows):
         for key in keys:
             ids, tags = encode(tok, r["problem"], r["prefix"] + [r[key]], meta, args.max_len)
             ex.append({"ids": ids, "tags": tags[-1:], "i": i, "key": key})
-    out = {key: torch.zeros(len(rows), device=dev) for key in keys}
-    vals = {}
+    batches = make_batches(ex, args.batch_tokens, random.Random(0))
+    n = len(batches)
+    if dist is not None and dist.on:
+        n = max(gather_lists(dist, [n]))
+    vals, zero = {}, 0.0
     with torch.set_grad_enabled(grad):
-        for batch in make_batches(ex, args.batch_tokens, random.Random(0)):
+        for j in range(n):
+            batch = batches[j] if j < len(batches) else batches[0]
             ids, mask, tb, tt, _ = collate(batch, tok.pad_token_id or 0, dev)
             raw = model(ids, mask, tb, tt).float()  # (N,): fp32 under bf16 autocast too
+            if j >= len(batches):
+                zero = zero + 0.0 * raw.sum()
+                continue
             for e, v in zip(batch, raw):
                 vals[(e["key"], e["i"])] = v
-    return [torch.stack([vals[(key, i)] for i in range(len(rows))]) if rows else out[key] for key in keys]
+    out = [torch.stack([vals[(key, i)] for i in range(len(rows))]) if rows else torch.zeros(0, device=dev) for key in keys]
+    if rows and torch.is_tensor(zero):
+        out[0] = out[0] + zero
+    return out
 
 
 def drop_too_long(tok, rows: list[dict], keys: tuple[str, ...], meta: dict, max_len: int) -> tuple[list[dict], int]:
@@ -231,15 +250,21 @@ def drop_too_long(tok, rows: list[dict], keys: tuple[str, ...], meta: dict, max_
     return keep, len(rows) - len(keep)
 
 
-def pairwise_accuracy(model, tok, pairs: list[dict], meta: dict, args: Args, dev) -> tuple[float, float]:
+def pairwise_accuracy(model, tok, pairs: list[dict], meta: dict, args: Args, dev,
+                      dist: Dist | None = None) -> tuple[float, float]:
     """Share of held-out pairs scored pos > neg: all pairs, and the final-step pairs alone (whole
-    trajectories from the question: what picking one answer among several relies on)."""
+    trajectories from the question: what picking one answer among several relies on). Under torchrun each
+    rank scores a slice and the hits are gathered."""
     if not pairs:
         return float("nan"), float("nan")
     model.eval()
-    pos, neg = score_rows(model, tok, pairs, ("pos", "neg"), meta, args, dev, grad=False)
-    hit, final = (pos > neg).float(), torch.tensor([bool(r["final"]) for r in pairs], device=pos.device)
-    return float(hit.mean()), float(hit[final].mean()) if bool(final.any()) else float("nan")
+    rank, world = (dist.rank, dist.world) if dist is not None and dist.on else (0, 1)
+    mine = pairs[rank::world] or pairs[:1]  # a rank with no pair still runs the forwards FSDP needs
+    pos, neg = score_rows(model, tok, mine, ("pos", "neg"), meta, args, dev, grad=False, dist=dist)
+    hits = [(bool(p > q), bool(r["final"])) for p, q, r in zip(pos.tolist(), neg.tolist(), mine)]
+    hits = gather_lists(dist, hits if pairs[rank::world] else []) if world > 1 else hits
+    all_hits, final = [h for h, _ in hits], [h for h, f in hits if f]
+    return sum(all_hits) / len(all_hits), sum(final) / len(final) if final else float("nan")
 
 
 def main(args: Args) -> dict:
@@ -248,32 +273,43 @@ def main(args: Args) -> dict:
         raise ValueError(f"--objective {args.objective!r}: one of {', '.join(OBJECTIVES)}")
     if not args.trees:
         raise ValueError("--trees: the trees JSONL that rstar_mcts.py wrote (round_R/trees.jsonl)")
+    dist = setup_dist()
     seed_all(args.seed)
     paths = [Path(p) for p in args.trees.split(",")]
     init = args.model or str(paths[0].parent / "policy")
     out = Path(args.out_dir or paths[0].parent / args.objective)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(args))
+    if dist.main:
+        write_json(out / "config.json", asdict(args))
     trees = [t for p in paths for t in read_jsonl(p, required=("problem", "answer", "nodes"))]
     rng = random.Random(args.seed)
     probs = sorted({t["problem"] for t in trees})
-    held = set(rng.sample(probs, max(1, int(args.eval_frac * len(probs))))) if len(probs) > 1 else set()
+    fixed = [r for r in read_jsonl(args.heldout_from, required=("problem", "split")) if r["split"] == "eval"] \
+        if args.heldout_from else None
+    if fixed is not None:
+        held = {r["problem"] for r in fixed}
+    else:
+        held = set(rng.sample(probs, max(1, int(args.eval_frac * len(probs))))) if len(probs) > 1 else set()
     pairs = {split: [r for t in trees if (t["problem"] in held) == (split == "eval")
                      for r in ppm_pairs(t, args.margin, args.min_edit)] for split in ("train", "eval")}
-    write_jsonl(out / "pairs.jsonl", [r | {"split": s} for s, rs in pairs.items() for r in rs])
+    if fixed is not None:
+        pairs["eval"] = [{k: v for k, v in r.items() if k != "split"} for r in fixed]
+    if dist.main:
+        write_jsonl(out / "pairs.jsonl", [r | {"split": s} for s, rs in pairs.items() for r in rs])
     rows = pairs["train"] if args.objective == "ppm" else [
         r for t in trees if t["problem"] not in held for r in (pqm_rows(t) if args.objective == "pqm" else orm_rows(t))]
     if not rows and not args.allow_empty:
         raise ValueError(f"no {args.objective} training rows in {args.trees} (no tree with both outcomes?)")
     tok = AutoTokenizer.from_pretrained(init)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = ValueHeadLM(AutoModelForCausalLM.from_pretrained(init)).to(dev)
+    dev, fsdp = dist.device, dist.on
+    model = ValueHeadLM(AutoModelForCausalLM.from_pretrained(init))  # fp32 master weights
+    model = shard(model, "fsdp", dist, args.bf16) if fsdp else model.to(dev)  # FSDP2 under torchrun
     meta = {"kind": "ppm", "objective": args.objective, "scale": args.scale, "prompt_template": CODE_PROMPT,
             "step_tag": "", "chat": False}
     keys = ("pos", "neg") if args.objective == "ppm" else ("step",)
     rows, too_long = drop_too_long(tok, rows, keys, meta, args.max_len)
     pairs["eval"], eval_too_long = drop_too_long(tok, pairs["eval"], ("pos", "neg"), meta, args.max_len)
-    if too_long or eval_too_long:
+    if (too_long or eval_too_long) and dist.main:
         print(f"ppm.py: {too_long} training rows and {eval_too_long} held-out pairs longer than --max_len "
               f"{args.max_len} left out", flush=True)
     if not rows and not args.allow_empty:
@@ -281,52 +317,63 @@ def main(args: Args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     n_steps = max(1, args.epochs * ((len(rows) + args.batch - 1) // args.batch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
-    log = MetricsLog(out)
+    log = MetricsLog(out, enabled=dist.main)
     best, best_final, step = -1.0, float("nan"), 0
-    acc0, final0 = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
-    print(f"ppm.py: {args.objective}, {len(rows)} training rows ({len(pairs['train'])} pairs), "
+    acc0, final0 = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev, dist)
+    say = print if dist.main else (lambda *a, **k: None)
+    say(f"ppm.py: {args.objective}, {len(rows)} training rows ({len(pairs['train'])} pairs), "
           f"{len(pairs['eval'])} held-out pairs; held-out pairwise accuracy at init {acc0:.3f}", flush=True)
     if not rows:
-        print(f"ppm.py: warning: no {args.objective} training rows; saving the untrained init", flush=True)
-    bar = tqdm(total=n_steps if rows else 0, desc=f"{args.objective} training")
+        say(f"ppm.py: warning: no {args.objective} training rows; saving the untrained init", flush=True)
+    bar = tqdm(total=n_steps if rows else 0, desc=f"{args.objective} training", disable=not dist.main)
     for epoch in range(args.epochs if rows else 1):
         order = rng.sample(rows, len(rows))
         model.train()
         for b in range(0, len(order), args.batch):
             batch = order[b: b + args.batch]
+            # under torchrun each rank takes a slice; the slice's mean loss times len(slice) * world / len(batch)
+            # is the batch mean once FSDP averages the gradients over ranks
+            mine = batch[dist.rank::dist.world] if dist.on else batch
+            w = len(mine) * (dist.world if dist.on else 1) / len(batch)
+            mine, w = (mine, w) if mine else (batch[:1], 0.0)
             if args.objective == "ppm":
                 with amp(args.bf16, dev):
-                    pos, neg = score_rows(model, tok, batch, ("pos", "neg"), meta, args, dev, grad=True)
-                loss = bt_loss(pos, neg, torch.tensor([r["pos_count"] for r in batch], device=dev, dtype=torch.float),
-                               torch.tensor([r["neg_count"] for r in batch], device=dev, dtype=torch.float))
+                    pos, neg = score_rows(model, tok, mine, ("pos", "neg"), meta, args, dev, grad=True, dist=dist)
+                loss = bt_loss(pos, neg, torch.tensor([r["pos_count"] for r in mine], device=dev, dtype=torch.float),
+                               torch.tensor([r["neg_count"] for r in mine], device=dev, dtype=torch.float))
             else:
                 with amp(args.bf16, dev):
-                    (raw,) = score_rows(model, tok, batch, ("step",), meta, args, dev, grad=True)
-                target = torch.tensor([r["target"] for r in batch], device=dev, dtype=torch.float)
+                    (raw,) = score_rows(model, tok, mine, ("step",), meta, args, dev, grad=True, dist=dist)
+                target = torch.tensor([r["target"] for r in mine], device=dev, dtype=torch.float)
                 loss = (pqm_loss if args.objective == "pqm" else orm_loss)(raw, target, args.scale)
-            loss.backward()
+            (loss * w).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             log.log(step, **{"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]})
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc, final = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev)
+        acc, final = pairwise_accuracy(model, tok, pairs["eval"], meta, args, dev, dist)
         log.log(step, **{"eval/pairwise_acc": acc, "eval/pairwise_acc_final": final, "epoch": epoch + 1})
         if acc >= best or acc != acc:  # keep the best epoch (NaN: no held-out pairs, keep the last)
             best, best_final = acc, final
-            model.save(out)
-            tok.save_pretrained(out)
-            write_json(out / "verifier.json", meta | {"epoch": epoch + 1, "heldout_pairwise_acc": acc,
-                                                      "heldout_pairwise_acc_final": final})
+            state = full_state(model, fsdp=fsdp)[0] if fsdp else None  # a collective under FSDP
+            if dist.main:
+                model.save(out, state)
+                tok.save_pretrained(out)
+                write_json(out / "verifier.json", meta | {"epoch": epoch + 1, "heldout_pairwise_acc": acc,
+                                                          "heldout_pairwise_acc_final": final})
     bar.close()
     res = {"objective": args.objective, "train_rows": len(rows), "train_pairs": len(pairs["train"]),
            "heldout_pairs": len(pairs["eval"]), "too_long": too_long, "heldout_too_long": eval_too_long,
            "heldout_pairwise_acc_init": acc0, "heldout_pairwise_acc": best,
            "heldout_final_pairs": sum(bool(r["final"]) for r in pairs["eval"]), "heldout_pairwise_acc_final_init": final0,
            "heldout_pairwise_acc_final": best_final}
-    write_json(out / "results.json", res)
-    print(json.dumps(res), flush=True)
+    if dist.main:
+        write_json(out / "results.json", res)
+        print(json.dumps(res), flush=True)
+    if dist.on:
+        torch.distributed.destroy_process_group()
     return res
 
 

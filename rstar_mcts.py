@@ -42,7 +42,10 @@ Deviations:
   7. Toy-scale settings (TOY below) replace the paper's when --model is empty; the round-1 policy is the
      toy's bootstrap code policy (the paper's: DeepSeek-Coder-V2-Instruct 236B, few-shot).
   8. SFT puts no loss on the system's output steps (the program's stdout is not the policy's to predict).
-  9. One process: no torchrun sharding of the problems (the original spreads trees over vLLM workers).
+  9. Under torchrun each rank searches its shard of the problems with an engine of its own, and the trees and
+     SFT rows are gathered (the original runs all trees in lock-step on one tensor-parallel vLLM engine per
+     launch, run_example.sh one launch per GPU); each round's SFT trains with FSDP2 over the ranks (the
+     original: HF Trainer + FSDP) and ppm.py trains as a process group of its own, one child per rank.
  10. One code error ends a path in every round: the code allows 2 consecutive errors in the bootstrap round
      (config/sample_mcts.yaml errors_threshold 2; 1 later), which leaves an erring node open one step more.
  11. A prompt that no longer fits the context gives a dead end (the code cuts the prompt to fit).
@@ -50,9 +53,11 @@ Deviations:
     python rstar_mcts.py                                   # toy world on CPU: 2 rounds, then the ablation
     python rstar_mcts.py --model bootstrap_dir --base Qwen2.5-Math-7B --data train.jsonl --eval_data math500 \\
         --rounds 4 --backend vllm
+    torchrun --nproc_per_node 8 rstar_mcts.py --config recipes/rstar_mcts_qwen2.5-math-7b.yaml
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -72,7 +77,8 @@ from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
 from utils.sandbox import require_isolation, run_many
-from utils.train import MetricsLog, amp, run_main, seed_all, write_json
+from utils.train import (Dist, MetricsLog, all_reduce, amp, child_group_env, full_state, gather_lists, run_main, seed_all,
+                         setup_dist, shard, unwrap, write_json)
 from utils.verifiers import load_verifier
 
 
@@ -138,10 +144,10 @@ class Args:
                                                                                "checker guides them), orm, maj"})
 
 
-# Toy scale (the default run fits 45 minutes on 2 cores): 2 rounds over 400 training problems with the paper's
+# Toy scale (the default run fits 45 minutes on 2 cores): 2 rounds over 800 training problems with the paper's
 # 8 and 16 rollouts, 4 candidates per step, SFT at the toy's learning rate; the ablation on 100 test problems:
 # 8 searches of 4 rollouts per problem, the majority curve up to 32 whole samples (about the searches' tokens).
-TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_problems=400, n_eval_problems=100, candidates=4,
+TOY = dict(rounds=2, rollouts="8,16", hard_rollouts="", n_problems=800, n_eval_problems=100, candidates=4,
            max_step_tokens=80, max_model_len=1024, exec_timeout=5.0, sft_epochs=8, sft_lr=2e-3, sft_batch=8, sft_micro=8,
            weight_decay=0.01, eval_runs=8, eval_rollouts=4, eval_candidates=4, maj_samples=32, backend="hf",
            ppm_args="--min_edit 1 --epochs 2 --lr 1e-3 --batch 32 --batch_tokens 8192 --max_len 1024 --eval_frac 0.1")
@@ -432,13 +438,17 @@ def paired_interval(a: list[float], b: list[float], iters: int = 2000, seed: int
 
 
 # ----------------------------------------------------------------------------- SFT from the base
-def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log) -> Path:
+def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log, dist: Dist | None = None) -> Path:
     """SFT of the base model on (prompt ids, [(step ids, trained?)]) rows: loss on the policy's steps + EOS,
-    none on the prompt or the system's output steps; AdamW, linear decay, no warm-up (the paper's recipe)."""
+    none on the prompt or the system's output steps; AdamW, linear decay, no warm-up (the paper's recipe).
+    Under torchrun: FSDP2 (utils.train.shard), each rank a slice of every batch, the same number of forwards
+    on every rank (a rank short of rows runs one with no loss), saved by rank 0."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    dist = dist or setup_dist()
     tok = AutoTokenizer.from_pretrained(base)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(base).to(dev).train()
+    dev, fsdp = dist.device, dist.on
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).train()  # fp32 master weights
+    model = shard(model, "fsdp", dist, args.bf16) if fsdp else model.to(dev)
     seqs = []
     for prompt, steps in rows:
         ids, lab = list(prompt), [-100] * len(prompt)
@@ -446,18 +456,19 @@ def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log) -> 
             ids += st
             lab += st if trained else [-100] * len(st)
         seqs.append((ids + [tok.eos_token_id], lab + [tok.eos_token_id]))
-    n_steps = max(1, args.sft_epochs * len(seqs) // args.sft_batch)
+    n_steps = max(1, args.sft_epochs * len(seqs) // args.sft_batch) if seqs else 0  # no data: the base as it is
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, n_steps))
     rng, order, losses = random.Random(args.seed), [], []
-    for step in tqdm(range(n_steps), desc="sft", leave=False):
+    world = dist.world if fsdp else 1
+    for step in tqdm(range(n_steps), desc="sft", leave=False, disable=not dist.main):
         if len(order) < args.sft_batch:
             order += rng.sample(range(len(seqs)), len(seqs))
         batch, order = [seqs[i] for i in order[: args.sft_batch]], order[args.sft_batch:]
         n_tok = sum(sum(t != -100 for t in lab) for _, lab in batch)
-        total = 0.0
-        for m in range(0, len(batch), args.sft_micro):
-            mb = batch[m: m + args.sft_micro]
+        mine, total = batch[dist.rank::world], torch.zeros(1, device=dev)
+        for m in range(0, max(1, math.ceil(len(batch) / world)), args.sft_micro):  # as many on every rank
+            mb = mine[m: m + args.sft_micro] or [(batch[0][0], [-100] * len(batch[0][1]))]
             T = max(len(a) for a, _ in mb)
             ids = torch.full((len(mb), T), tok.pad_token_id or 0, dtype=torch.long)  # (B, T)
             lab = torch.full((len(mb), T), -100, dtype=torch.long)
@@ -468,15 +479,24 @@ def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log) -> 
                 logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1).to(dev),
                                                      ignore_index=-100, reduction="sum") / n_tok  # token mean over the batch
-            loss.backward()
-            total += loss.item()
+            (loss * world).backward()  # FSDP averages the ranks' gradients: their sum is the batch's
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    model.eval().cpu().save_pretrained(out)
-    tok.save_pretrained(out)
-    log(f"sft: {len(seqs)} trajectories, {n_steps} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
+        losses.append(float(all_reduce(total, torch.distributed.ReduceOp.SUM, dist) if fsdp else total))
+    state = full_state(model, fsdp=fsdp)[0]  # a collective under FSDP: every rank calls it
+    if dist.main:
+        unwrap(model).save_pretrained(out, state_dict={k: v.cpu() for k, v in state.items()})
+        tok.save_pretrained(out)
+        log(f"sft: {len(seqs)} trajectories, {n_steps} steps" +
+            (f", loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}" if losses else ": the base saved unchanged"))
+    _barrier(dist)
     return out
+
+
+def _barrier(dist: Dist | None) -> None:
+    if dist is not None and dist.on:
+        torch.distributed.barrier()
 
 
 def sft_rows(trees: list[Tree], tok, k: int) -> list:
@@ -500,13 +520,21 @@ def _split_output(steps: list[str]) -> list[str]:
     return out
 
 
-def train_ppm(trees_path: Path, init: str, out: Path, args: Args, objective: str = "ppm") -> Path:
-    """ppm.py in a subprocess: a verifier dir of kind ppm (or its pqm / orm ablations) from a round's trees."""
+_PORTS = itertools.count(1)  # each ppm.py group under torchrun rendezvous on MASTER_PORT + the next of these
+
+
+def train_ppm(trees_path: Path, init: str, out: Path, args: Args, objective: str = "ppm", dist: Dist | None = None) -> Path:
+    """ppm.py in a subprocess: a verifier dir of kind ppm (or its pqm / orm ablations) from a round's trees.
+    Under torchrun every rank starts one, and the children train as a process group of their own."""
+    dist = dist or setup_dist()
+    offset = next(_PORTS)
+    _barrier(dist)
     if not (out / "results.json").exists():  # ppm.py writes it last: a dir without it is retrained
         cmd = [sys.executable, str(Path(__file__).with_name("ppm.py")), "--trees", str(trees_path), "--model", init,
                "--out_dir", str(out), "--objective", objective, "--seed", str(args.seed), "--allow_empty", "true",
                "--bf16", str(args.bf16).lower()] + args.ppm_args.split()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=child_group_env(dist, offset))
+    _barrier(dist)
     return out
 
 
@@ -524,12 +552,16 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
-def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], args: Args, out: Path, log) -> dict:
-    """MCTS on the training problems with policy_r (PPM_r from --ppm_from_round), the trees and the SFT data."""
-    gen = load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed)
+def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], args: Args, out: Path, log,
+              dist: Dist | None = None) -> dict:
+    """MCTS on the training problems with policy_r (PPM_r from --ppm_from_round), the trees and the SFT data.
+    Under torchrun each rank searches its shard of the problems with its own engine; the trees, the SFT rows
+    and the counts are gathered on every rank, and rank 0 writes the trees."""
+    dist = dist or setup_dist()
+    gen = _engine(policy, args, dist)
     tok = gen.tokenizer
-    verifier = load_verifier(verifier_dir) if verifier_dir and r >= args.ppm_from_round else None
-    trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in train]
+    verifier = load_verifier(verifier_dir, device=dist.device) if verifier_dir and r >= args.ppm_from_round else None
+    trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in _shard(train, dist)]
     plan = _ints(args.rollouts)
     n_roll = plan[min(r, len(plan)) - 1]
     t0, cache = time.time(), {}
@@ -539,21 +571,48 @@ def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], 
             left = [t for t in trees if not any(a.correct for a in t.answers())]
             if left:
                 stats.update(mcts(gen, left, extra, args.candidates, args, verifier, cache=cache, desc=f"+{extra}"))
-    solved = [any(a.correct for a in t.answers()) for t in trees]
-    write_jsonl(out / "trees.jsonl", [tree_record(t) for t in trees])
-    rows = sft_rows(trees, tok, args.top_k_sft)
-    log(f"round {r}: solved {sum(solved)}/{len(trees)} training problems, {len(rows)} SFT trajectories, "
+    solved = gather_lists(dist, [any(a.correct for a in t.answers()) for t in trees])
+    distinct = gather_lists(dist, [len({a.answer for a in t.answers()}) for t in trees])
+    records = gather_lists(dist, [tree_record(t) for t in trees])
+    rows = gather_lists(dist, sft_rows(trees, tok, args.top_k_sft))
+    stats = sum((Counter(c) for c in gather_lists(dist, [dict(stats)])), Counter())
+    if dist.main:
+        write_jsonl(out / "trees.jsonl", records)
+    log(f"round {r}: solved {sum(solved)}/{len(solved)} training problems, {len(rows)} SFT trajectories, "
         f"{time.time() - t0:.0f} s")
     del gen
-    return {"solved_frac": sum(solved) / len(trees), "sft_rows": len(rows), "rollouts": n_roll,
-            "mcts_seconds": time.time() - t0, "distinct_answers_per_tree": float(np.mean(
-                [len({a.answer for a in t.answers()}) for t in trees])), **stats}, rows
+    return {"solved_frac": sum(solved) / len(solved), "sft_rows": len(rows), "rollouts": n_roll,
+            "mcts_seconds": time.time() - t0, "distinct_answers_per_tree": float(np.mean(distinct)), **stats}, rows
 
 
-def evaluate_policy(policy: str, test: list[dict], args: Args) -> float:
-    gen = load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed)
-    sols = solve_whole(gen, test, 1, 0.0, args)
-    return float(np.mean([s[0]["correct"] for s in sols]))
+def _shard(items: list, dist: Dist) -> list:
+    """This rank's share of the problems (every world-th from its rank); all of them in one process."""
+    return items[dist.rank::dist.world] if dist.on else items
+
+
+def _unshard(values: list, n: int, dist: Dist) -> list:
+    """The inverse of _shard for per-problem values: every rank's, gathered, back in problem order."""
+    if not dist.on:
+        return values
+    order = gather_lists(dist, list(range(n))[dist.rank::dist.world])
+    out = [None] * n
+    for i, v in zip(order, gather_lists(dist, values)):
+        out[i] = v
+    return out
+
+
+def _engine(policy: str, args: Args, dist: Dist):
+    """The rank's generation engine (vLLM on GPU, HF on CPU: --backend)."""
+    extra = {"device": dist.device} if args.backend == "hf" else {}
+    return load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed, **extra)
+
+
+def evaluate_policy(policy: str, test: list[dict], args: Args, dist: Dist | None = None) -> list[bool]:
+    """Per test problem, in order: is the greedy whole code-augmented solution right (each rank its shard
+    under torchrun)."""
+    dist = dist or setup_dist()
+    sols = solve_whole(_engine(policy, args, dist), _shard(test, dist), 1, 0.0, args)
+    return _unshard([bool(s[0]["correct"]) for s in sols], len(test), dist)
 
 
 def search_runs(gen, problems: list[dict], verifier, args: Args, desc: str) -> tuple[list[list[dict]], dict]:
@@ -631,13 +690,16 @@ class ToyOracle:
         return [oracle_value(p, s) for p, s in zip(problems, steps_lists)]
 
 
-def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Path, log) -> dict:
+def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Path, log, dist: Dist | None = None) -> dict:
     """The reward-model ablation on the test problems: per verifier (PPM, PQM, the toy's exact checker as the
     control) K independent searches, voted as the code votes (top_vote); ORM best-of-K and maj@K over K whole
     samples; the majority curve maj@n up to --maj_samples, so that each search is set beside the vote at equal
-    generated tokens; generated tokens per problem for every row."""
-    K, methods, res, per = args.eval_runs, args.eval_methods.split(","), {}, {}
-    gen = load_backend(policy, backend=args.backend, max_model_len=args.max_model_len, seed=args.seed)
+    generated tokens; generated tokens per problem for every row. Under torchrun each rank takes its shard of
+    the problems and the per-problem figures are gathered in problem order."""
+    dist = dist or setup_dist()
+    K, methods, per, cost, res = args.eval_runs, args.eval_methods.split(","), {}, {}, {}
+    mine = _shard(test, dist)
+    gen = _engine(policy, args, dist)
     for name in ("ppm", "pqm", "oracle"):
         if name not in methods:
             continue
@@ -649,39 +711,42 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
                 continue
             v = ToyOracle()
         else:
-            v = load_verifier(str(verifiers[name]))
-        runs, stats = search_runs(gen, test, v, args, desc=f"{name}: {K} searches x {args.eval_rollouts} rollouts")
+            v = load_verifier(str(verifiers[name]), device=dist.device)
+        runs, stats = search_runs(gen, mine, v, args, desc=f"{name}: {K} searches x {args.eval_rollouts} rollouts")
         votes = [top_vote(r, args.top_n) for r in runs]
         for key in ("vote", "weighted", "best"):
             per[f"{name}_{key}"] = [x[key] for x in votes]
         per[f"{name}_single"] = [float(r[0]["correct"]) for r in runs]  # one search alone: its own pick
-        res[f"tokens/{name}@{K}"] = float(np.mean([sum(x["tokens"] for x in r) for r in runs]))
-        res[f"tokens/{name}_single"] = float(np.mean([r[0]["tokens"] for r in runs]))
-        res[f"{name}/distinct_answers_per_tree"] = float(np.mean([x["distinct"] for r in runs for x in r]))
-        res[f"{name}/searches_without_answer"] = float(np.mean([x["answer"] is None for r in runs for x in r]))
-        res[f"{name}/pass@{K}"] = float(np.mean([any(x["correct"] for x in r) for r in runs]))
+        cost[f"tokens/{name}@{K}"] = [sum(x["tokens"] for x in r) for r in runs]
+        cost[f"tokens/{name}_single"] = [r[0]["tokens"] for r in runs]
+        cost[f"{name}/distinct_answers_per_tree"] = [np.mean([x["distinct"] for x in r]) for r in runs]
+        cost[f"{name}/searches_without_answer"] = [np.mean([x["answer"] is None for x in r]) for r in runs]
+        cost[f"{name}/pass@{K}"] = [any(x["correct"] for x in r) for r in runs]
         res[f"{name}/seconds"] = stats.get("generate_s", 0) + stats.get("execute_s", 0) + stats.get("value_s", 0)
-        log(f"{name}: vote@{K} {np.mean(per[f'{name}_vote']):.1%}, {res[f'tokens/{name}@{K}']:.0f} tokens per problem")
     curve = []
     if {"orm", "maj"} & set(methods):
         M = max(K, args.maj_samples)
-        sols = solve_whole(gen, test, M, args.temperature, args, seed=args.seed + 7)
+        sols = solve_whole(gen, mine, M, args.temperature, args, seed=args.seed + 7)
         curve = sorted({2 ** i for i in range(M.bit_length())} | {K, M})
         for n in curve:
             per[f"maj@{n}"] = [majority(s[:n]) for s in sols]
-            res[f"tokens/sample@{n}"] = float(np.mean([sum(x["tokens"] for x in s[:n]) for s in sols]))
+            cost[f"tokens/sample@{n}"] = [sum(x["tokens"] for x in s[:n]) for s in sols]
         per[f"pass@{K}"] = [float(any(x["correct"] for x in s[:K])) for s in sols]
         if "orm" in methods:
-            v = load_verifier(str(verifiers["orm"]))
-            flat = [(p, x) for p, s in zip(test, sols) for x in s[:K]]
+            v = load_verifier(str(verifiers["orm"]), device=dist.device)
+            flat = [(p, x) for p, s in zip(mine, sols) for x in s[:K]]
             scores = v.values([p["problem"] for p, _ in flat], [x["steps"] for _, x in flat])
             per[f"orm_bon@{K}"] = [float(s[:K][orm_pick(s[:K], scores[j * K: (j + 1) * K])]["correct"])
                                    for j, s in enumerate(sols)]
+    per = {k: _unshard(v, len(test), dist) for k, v in per.items()}
+    res.update({k: float(np.mean(_unshard(v, len(test), dist))) for k, v in cost.items()})
     for name, xs in per.items():
         res[name if "@" in name else f"{name}@{K}"] = float(np.mean(xs))
     for name in ("ppm", "pqm", "oracle"):
         if f"{name}_vote" not in per:
             continue
+        log(f"{name}: top-{args.top_n} vote of {K} searches {res[f'{name}_vote@{K}']:.1%}, "
+            f"{res[f'tokens/{name}@{K}']:.0f} tokens per problem")
         pairs = [(f"{name}_{key}", f"maj@{K}") for key in ("vote", "weighted", "best", "single")]
         for a, b in pairs + [(f"{name}_vote", f"orm_bon@{K}"), (f"{name}_vote", "ppm_vote")]:
             if a != b and b in per:
@@ -692,34 +757,47 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
             res[f"equal_tokens/{name}"] = {"maj_n": n, "tokens_search": res[f"tokens/{name}@{K}"],
                                            "tokens_maj": res[f"tokens/sample@{n}"], "maj": res[f"maj@{n}"],
                                            "diff": list(paired_interval(per[f"{name}_vote"], per[f"maj@{n}"], seed=args.seed))}
-    write_jsonl(out / "ablation_per_problem.jsonl", [{"problem": p["problem"], **{k: v[i] for k, v in per.items()}}
-                                                     for i, p in enumerate(test)])
+    if dist.main:
+        write_jsonl(out / "ablation_per_problem.jsonl", [{"problem": p["problem"], **{k: v[i] for k, v in per.items()}}
+                                                         for i, p in enumerate(test)])
     return res
 
 
 def main(args: Args) -> dict:
     if args.uct not in ("rstar", "textbook"):
         raise ValueError(f"--uct {args.uct!r}: rstar or textbook")
-    seed_all(args.seed)
+    dist = setup_dist()
+    seed_all(args.seed + dist.rank)  # the ranks sample differently
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(args))
-    log_line = lambda s: tqdm.write(s)  # noqa: E731
+    log_line = (lambda s: tqdm.write(s)) if dist.main else (lambda s: None)  # noqa: E731
     if not args.model:
         from utils.toy import ensure_code_toy, ensure_toy
-        toy_dir = ensure_toy()
-        code_dir = ensure_code_toy(toy_dir)
+        for turn in ("main", "others"):  # rank 0 lays the toy world out first, the others then find it
+            if dist.main == (turn == "main"):
+                toy_dir = ensure_toy()
+                code_dir = ensure_code_toy(toy_dir)
+            _barrier(dist)
         args.model, args.base = args.model or str(code_dir / "policy"), args.base or str(code_dir / "base")
         args.data, args.eval_data = args.data or str(toy_dir / "train.jsonl"), args.eval_data or str(toy_dir / "test.jsonl")
     if not (args.base and args.data and args.eval_data):
         raise ValueError("--base, --data and --eval_data are needed with --model")
+    if dist.main:
+        write_json(out / "config.json", asdict(args))
     train = load_problems(args.data, args.n_problems or None)
     test = load_problems(args.eval_data, args.n_eval_problems or None)
     isolation = require_isolation(args.unsafe_exec)  # before any model-written code runs
-    metrics = MetricsLog(out)
+    metrics = MetricsLog(out, enabled=dist.main)
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     res["sandbox/isolation"] = isolation
-    res["round_0/greedy_acc"] = res.get("round_0/greedy_acc", evaluate_policy(args.model, test, args))
+    f0 = out / "round_0.json"  # the bootstrap's greedy result per test problem
+    if not f0.exists():
+        greedy0 = evaluate_policy(args.model, test, args, dist)
+        if dist.main:
+            write_json(f0, {"greedy_correct": greedy0})
+        _barrier(dist)
+    prev = json.loads(f0.read_text())["greedy_correct"]
+    res["round_0/greedy_acc"] = float(np.mean(prev))
     policy, ppm_dir = args.model, None
     for r in range(1, args.rounds + 1):
         rd = out / f"round_{r}"
@@ -727,28 +805,38 @@ def main(args: Args) -> dict:
             info = json.loads((rd / "done.json").read_text())
         else:
             rd.mkdir(exist_ok=True)
-            info, rows = run_round(r, policy, ppm_dir, train, args, rd, log_line)
-            sft(args.base, rows, args, rd / "policy", log_line)
-            info.update(verifier_figures(train_ppm(rd / "trees.jsonl", str(rd / "policy"), rd / "ppm", args), "ppm/"))
-            info["greedy_acc"] = evaluate_policy(str(rd / "policy"), test, args)
-            write_json(rd / "done.json", info)
+            info, rows = run_round(r, policy, ppm_dir, train, args, rd, log_line, dist)
+            sft(args.base, rows, args, rd / "policy", log_line, dist)
+            info.update(verifier_figures(train_ppm(rd / "trees.jsonl", str(rd / "policy"), rd / "ppm", args,
+                                                   dist=dist), "ppm/"))
+            info["greedy_correct"] = evaluate_policy(str(rd / "policy"), test, args, dist)
+            info["greedy_acc"] = float(np.mean(info["greedy_correct"]))
+            if dist.main:
+                write_json(rd / "done.json", info)
+            _barrier(dist)
         policy, ppm_dir = str(rd / "policy"), str(rd / "ppm")
-        res.update({f"round_{r}/{k}": v for k, v in info.items()})
+        res.update({f"round_{r}/{k}": v for k, v in info.items() if k != "greedy_correct"})
+        res[f"diff/round_{r}-round_{r - 1}/greedy"] = list(paired_interval(info["greedy_correct"], prev, seed=args.seed))
+        prev = info["greedy_correct"]
         metrics.log(r, **{f"round/{k}": v for k, v in info.items() if isinstance(v, (int, float))})
         log_line(f"round {r}: solved {info['solved_frac']:.1%} of training problems, SLM-{r} greedy "
                  f"{info['greedy_acc']:.1%}")
-        write_json(out / "results.json", res)
+        if dist.main:
+            write_json(out / "results.json", res)
     last = out / f"round_{args.rounds}"
     verifiers = {"ppm": last / "ppm"}
     for obj in [m for m in ("pqm", "orm") if m in args.eval_methods.split(",")]:
-        verifiers[obj] = train_ppm(last / "trees.jsonl", str(last / "policy"), last / obj, args, objective=obj)
+        verifiers[obj] = train_ppm(last / "trees.jsonl", str(last / "policy"), last / obj, args, objective=obj, dist=dist)
     for name, d in verifiers.items():
         res.update(verifier_figures(d, f"verifier/{name}/"))
-    res.update(ablation(policy, verifiers, test, args, out, log_line))
-    write_json(out / "results.json", res)
-    table = report(res, args)
-    (out / "results.md").write_text(table)
-    print(table)
+    res.update(ablation(policy, verifiers, test, args, out, log_line, dist))
+    if dist.main:
+        write_json(out / "results.json", res)
+        table = report(res, args)
+        (out / "results.md").write_text(table)
+        print(table)
+    if dist.on:
+        torch.distributed.destroy_process_group()
     return res
 
 
@@ -761,12 +849,13 @@ def _ci(d) -> str:
 
 
 def report(res: dict, args: Args) -> str:
-    lines = ["| round | training problems solved | SLM-r greedy | paper: solved | paper: SLM-r MATH |",
-             "|---|---|---|---|---|", f"| 0 (bootstrap) | | {100 * res['round_0/greedy_acc']:.1f}% | | |"]
+    lines = ["| round | training problems solved | SLM-r greedy | minus the round before (95% paired) | paper: solved | "
+             "paper: SLM-r MATH |", "|---|---|---|---|---|---|",
+             f"| 0 (bootstrap) | | {100 * res['round_0/greedy_acc']:.1f}% | | | |"]
     for r in range(1, args.rounds + 1):
         ps, pg = PAPER.get(r, ("", ""))
         lines.append(f"| {r} | {100 * res[f'round_{r}/solved_frac']:.1f}% | {100 * res[f'round_{r}/greedy_acc']:.1f}% "
-                     f"| {ps}% | {pg}% |")
+                     f"| {_ci(res.get(f'diff/round_{r}-round_{r - 1}/greedy'))} | {ps}% | {pg}% |")
     K = args.eval_runs
     lines += ["", f"| method (K = {K} searches of {args.eval_rollouts} rollouts, or K samples) | accuracy | tokens / "
               f"problem | minus maj@{K} (95% paired) | minus majority at equal tokens | paper (MATH) |",

@@ -226,16 +226,19 @@ def code_toy(tiny_toy_dir):
     return ensure_code_toy(tiny_toy_dir, CodeToyConfig(pre_steps=10, base_steps=20, policy_steps=10, calib_problems=4))
 
 
+def _tiny_flags(out, code_toy, toy_dir, rounds: int) -> list[str]:
+    return ["--out_dir", str(out), "--n_problems", "8", "--n_eval_problems", "4", "--rollouts", "2,2", "--candidates", "2",
+            "--eval_runs", "2", "--eval_rollouts", "2", "--eval_candidates", "2", "--maj_samples", "4",
+            "--sft_epochs", "1", "--ppm_args", "--min_edit 1 --epochs 1 --batch 8 --max_len 1024",
+            "--model", str(code_toy / "policy"), "--base", str(code_toy / "base"),
+            "--data", str(toy_dir / "train.jsonl"), "--eval_data", str(toy_dir / "test.jsonl"),
+            "--max_step_tokens", "40", "--max_model_len", "1024", "--exec_timeout", "5", "--sft_batch", "8",
+            "--sft_lr", "1e-3", "--backend", "hf", "--rounds", str(rounds), "--hard_rollouts", ""]
+
+
 def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     out = tmp_path / "rstar"
-    cmd = [sys.executable, "rstar_mcts.py", "--out_dir", str(out), "--n_problems", "8", "--n_eval_problems", "4",
-           "--rollouts", "2,2", "--candidates", "2", "--eval_runs", "2", "--eval_rollouts", "2", "--eval_candidates", "2",
-           "--maj_samples", "4",
-           "--sft_epochs", "1", "--ppm_args", "--min_edit 1 --epochs 1 --batch 8 --max_len 1024",
-           "--model", str(code_toy / "policy"), "--base", str(code_toy / "base"),
-           "--data", str(tiny_toy_dir / "train.jsonl"), "--eval_data", str(tiny_toy_dir / "test.jsonl"),
-           "--max_step_tokens", "40", "--max_model_len", "1024", "--exec_timeout", "5", "--sft_batch", "8",
-           "--sft_lr", "1e-3", "--backend", "hf", "--rounds", "2", "--hard_rollouts", ""]
+    cmd = [sys.executable, "rstar_mcts.py"] + _tiny_flags(out, code_toy, tiny_toy_dir, rounds=2)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -264,3 +267,65 @@ def test_rstar_end_to_end_tiny(tmp_path, code_toy, tiny_toy_dir):
     assert r2.returncode == 0 and "round 1 mcts" not in r2.stderr
     res2 = json.loads((out / "results.json").read_text())
     assert res2["round_2/solved_frac"] == res["round_2/solved_frac"]
+
+
+def test_rstar_torchrun_two_ranks(tmp_path, code_toy, tiny_toy_dir):
+    """A tiny round under torchrun on CPU: each rank searches half the problems, rank 0 writes all the trees;
+    the SFT (FSDP2) and ppm.py (its own two-rank group) run on both ranks; the ablation's per-problem figures
+    are gathered back in problem order."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rstar_dist"
+    flags = _tiny_flags(out, code_toy, tiny_toy_dir, rounds=1)
+    flags = [f for i, f in enumerate(flags) if not ({f, flags[i - 1]} & {"--model", "--base", "--data", "--eval_data"})]
+    # the shipped toy models (no --model): a policy that solves problems, so the SFT and the PPM have rows
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "rstar_mcts.py"] + flags + ["--n_problems", "12", "--max_step_tokens", "80", "--eval_methods", "ppm,oracle,orm,maj"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    trees = [json.loads(x) for x in (out / "round_1" / "trees.jsonl").read_text().splitlines()]
+    train = [json.loads(x)["problem"] for x in Path(cfg["data"]).read_text().splitlines()[:12]]
+    assert sorted(t["problem"] for t in trees) == sorted(train)  # both ranks' shards, once each
+    assert res["round_1/sft_rows"] > 0 and "steps, loss" in r.stdout  # FSDP2 SFT trained
+    ppm_res = json.loads((out / "round_1" / "ppm" / "results.json").read_text())
+    assert ppm_res["train_rows"] > 0  # ppm.py trained as a two-rank group of its own
+    per = [json.loads(x) for x in (out / "ablation_per_problem.jsonl").read_text().splitlines()]
+    test = [json.loads(x)["problem"] for x in Path(cfg["eval_data"]).read_text().splitlines()[:4]]
+    assert [p["problem"] for p in per] == test and all("oracle_vote" in p and "maj@4" in p for p in per)
+    for k in ("round_1/greedy_acc", "ppm_vote@2", "oracle_vote@2", "orm_bon@2", "maj@2"):
+        assert 0.0 <= res[k] <= 1.0, k
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(out / "round_1" / "policy"))  # the FSDP2 SFT saved a whole model
+
+
+def test_ppm_heldout_from_fixes_the_heldout_pairs(tmp_path, tiny_model_dir):
+    """--heldout_from: another run's held-out problems are left out of training and its held-out pairs are the
+    ones scored, whatever trees this run trains on (a curve over data on one held-out set)."""
+    trees = []
+    for k in range(6):  # six problems of the hand-made tree's shape
+        t = _tree()
+        t["problem"] = f"P{k}"
+        trees.append(t)
+    (tmp_path / "trees.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trees))
+    base = ["--trees", str(tmp_path / "trees.jsonl"), "--model", str(tiny_model_dir), "--min_edit", "1",
+            "--epochs", "1", "--batch", "4", "--max_len", "256", "--eval_frac", "0.34"]
+    ppm.main(_ppm_args(base + ["--out_dir", str(tmp_path / "a")]))
+    rows_a = [json.loads(x) for x in (tmp_path / "a" / "pairs.jsonl").read_text().splitlines()]
+    held = {r["problem"] for r in rows_a if r["split"] == "eval"}
+    assert len(held) == 2
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trees[:4]))
+    few = [a if a != str(tmp_path / "trees.jsonl") else str(tmp_path / "few.jsonl") for a in base]
+    res = ppm.main(_ppm_args(few + ["--out_dir", str(tmp_path / "b"), "--heldout_from", str(tmp_path / "a" / "pairs.jsonl")]))
+    rows_b = [json.loads(x) for x in (tmp_path / "b" / "pairs.jsonl").read_text().splitlines()]
+    assert [r["pos"] for r in rows_b if r["split"] == "eval"] == [r["pos"] for r in rows_a if r["split"] == "eval"]
+    assert not {r["problem"] for r in rows_b if r["split"] == "train"} & held
+    assert res["heldout_pairs"] == sum(r["split"] == "eval" for r in rows_a)
+
+
+def _ppm_args(argv):
+    from utils.train import parse_args
+    return parse_args(ppm.Args, ppm.TOY, argv)

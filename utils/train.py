@@ -134,6 +134,17 @@ def gather_lists(dist: Dist, items: list) -> list:
     return [x for part in out for x in part]
 
 
+def child_group_env(dist: Dist, offset: int) -> dict:
+    """The environment for a script that this rank starts as a subprocess so that the children of all ranks
+    form a process group of their own (same ranks, MASTER_PORT + offset): torchrun's, one level down."""
+    env = dict(os.environ)
+    if dist.launched:
+        env["MASTER_PORT"] = str(int(os.environ.get("MASTER_PORT", "29500")) + offset)
+        for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"):
+            env.pop(k, None)  # the children rendezvous by MASTER_ADDR / MASTER_PORT, not torchrun's agent
+    return env
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -219,15 +230,17 @@ def all_reduce(x: torch.Tensor, op, dist: Dist) -> torch.Tensor:
 
 def shard(model, kind: str, dist: Dist, bf16: bool = False, train: bool = True):
     """Under torchrun: DDP (kind "ddp"; a frozen model, train=False, stays as it is), or FSDP2 (kind "fsdp")
-    with one shard unit per HF decoder layer plus the root, bf16 params and fp32 reductions when bf16. FSDP
-    moves a CPU model's shards to the rank's device itself. One process: the model unchanged."""
+    with one shard unit per HF decoder layer (the first `layers` ModuleList inside, so a causal LM or a
+    wrapper around one) plus the root, bf16 params and fp32 reductions when bf16. FSDP moves a CPU model's
+    shards to the rank's device itself. One process: the model unchanged."""
     if not dist.on:
         return model
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model) if train else model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in getattr(getattr(model, "model", None), "layers", []):  # HF decoder layers
+    layers = next((m.layers for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)), [])
+    for layer in layers:  # HF decoder layers
         fully_shard(layer, mp_policy=mp)
     return fully_shard(model, mp_policy=mp)
 

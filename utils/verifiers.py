@@ -434,11 +434,14 @@ class ValueHeadLM(torch.nn.Module):
         out = self.head(self.dropout(h.to(self.head.weight.dtype)))  # (N, outputs)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """The LM as an HF dir plus value_head.safetensors; state_dict: this module's whole state (e.g.
+        gathered from FSDP shards by utils.train.full_state) in place of its own parameters."""
         from safetensors.torch import save_file
-        self.model.save_pretrained(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(Path(path) / "value_head.safetensors"))
+        sd = state_dict if state_dict is not None else self.state_dict()
+        part = lambda pre: {k[len(pre):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(pre)}  # noqa: E731
+        self.model.save_pretrained(path, state_dict=part("model."))
+        save_file(part("head."), str(Path(path) / "value_head.safetensors"))
 
     @classmethod
     def load(cls, path: str | Path, dtype=torch.float32) -> "ValueHeadLM":
