@@ -77,8 +77,8 @@ from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
 from utils.sandbox import require_isolation, run_many
-from utils.train import (Dist, MetricsLog, all_reduce, amp, child_group_env, full_state, gather_lists, run_main, seed_all,
-                         setup_dist, shard, unwrap, write_json)
+from utils.train import (Dist, MetricsLog, all_reduce, amp, barrier, child_group_env, full_state, gather_in_order,
+                         gather_lists, rank_share, run_main, seed_all, setup_dist, shard, unwrap, write_json)
 from utils.verifiers import load_verifier
 
 
@@ -490,13 +490,8 @@ def sft(base: str, rows: list[list[int | list]], args: Args, out: Path, log, dis
         tok.save_pretrained(out)
         log(f"sft: {len(seqs)} trajectories, {n_steps} steps" +
             (f", loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}" if losses else ": the base saved unchanged"))
-    _barrier(dist)
+    barrier(dist)
     return out
-
-
-def _barrier(dist: Dist | None) -> None:
-    if dist is not None and dist.on:
-        torch.distributed.barrier()
 
 
 def sft_rows(trees: list[Tree], tok, k: int) -> list:
@@ -528,13 +523,13 @@ def train_ppm(trees_path: Path, init: str, out: Path, args: Args, objective: str
     Under torchrun every rank starts one, and the children train as a process group of their own."""
     dist = dist or setup_dist()
     offset = next(_PORTS)
-    _barrier(dist)
+    barrier(dist)
     if not (out / "results.json").exists():  # ppm.py writes it last: a dir without it is retrained
         cmd = [sys.executable, str(Path(__file__).with_name("ppm.py")), "--trees", str(trees_path), "--model", init,
                "--out_dir", str(out), "--objective", objective, "--seed", str(args.seed), "--allow_empty", "true",
                "--bf16", str(args.bf16).lower()] + args.ppm_args.split()
         subprocess.run(cmd, check=True, env=child_group_env(dist, offset))
-    _barrier(dist)
+    barrier(dist)
     return out
 
 
@@ -561,7 +556,7 @@ def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], 
     gen = _engine(policy, args, dist)
     tok = gen.tokenizer
     verifier = load_verifier(verifier_dir, device=dist.device) if verifier_dir and r >= args.ppm_from_round else None
-    trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in _shard(train, dist)]
+    trees = [Tree(p, tok.encode(code_prompt(p["problem"]), add_special_tokens=False)) for p in rank_share(train, dist)]
     plan = _ints(args.rollouts)
     n_roll = plan[min(r, len(plan)) - 1]
     t0, cache = time.time(), {}
@@ -585,22 +580,6 @@ def run_round(r: int, policy: str, verifier_dir: str | None, train: list[dict], 
             "mcts_seconds": time.time() - t0, "distinct_answers_per_tree": float(np.mean(distinct)), **stats}, rows
 
 
-def _shard(items: list, dist: Dist) -> list:
-    """This rank's share of the problems (every world-th from its rank); all of them in one process."""
-    return items[dist.rank::dist.world] if dist.on else items
-
-
-def _unshard(values: list, n: int, dist: Dist) -> list:
-    """The inverse of _shard for per-problem values: every rank's, gathered, back in problem order."""
-    if not dist.on:
-        return values
-    order = gather_lists(dist, list(range(n))[dist.rank::dist.world])
-    out = [None] * n
-    for i, v in zip(order, gather_lists(dist, values)):
-        out[i] = v
-    return out
-
-
 def _engine(policy: str, args: Args, dist: Dist):
     """The rank's generation engine (vLLM on GPU, HF on CPU: --backend)."""
     extra = {"device": dist.device} if args.backend == "hf" else {}
@@ -611,8 +590,8 @@ def evaluate_policy(policy: str, test: list[dict], args: Args, dist: Dist | None
     """Per test problem, in order: is the greedy whole code-augmented solution right (each rank its shard
     under torchrun)."""
     dist = dist or setup_dist()
-    sols = solve_whole(_engine(policy, args, dist), _shard(test, dist), 1, 0.0, args)
-    return _unshard([bool(s[0]["correct"]) for s in sols], len(test), dist)
+    sols = solve_whole(_engine(policy, args, dist), rank_share(test, dist), 1, 0.0, args)
+    return gather_in_order([bool(s[0]["correct"]) for s in sols], len(test), dist)
 
 
 def search_runs(gen, problems: list[dict], verifier, args: Args, desc: str) -> tuple[list[list[dict]], dict]:
@@ -698,7 +677,7 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
     the problems and the per-problem figures are gathered in problem order."""
     dist = dist or setup_dist()
     K, methods, per, cost, res = args.eval_runs, args.eval_methods.split(","), {}, {}, {}
-    mine = _shard(test, dist)
+    mine = rank_share(test, dist)
     gen = _engine(policy, args, dist)
     for name in ("ppm", "pqm", "oracle"):
         if name not in methods:
@@ -738,8 +717,8 @@ def ablation(policy: str, verifiers: dict, test: list[dict], args: Args, out: Pa
             scores = v.values([p["problem"] for p, _ in flat], [x["steps"] for _, x in flat])
             per[f"orm_bon@{K}"] = [float(s[:K][orm_pick(s[:K], scores[j * K: (j + 1) * K])]["correct"])
                                    for j, s in enumerate(sols)]
-    per = {k: _unshard(v, len(test), dist) for k, v in per.items()}
-    res.update({k: float(np.mean(_unshard(v, len(test), dist))) for k, v in cost.items()})
+    per = {k: gather_in_order(v, len(test), dist) for k, v in per.items()}
+    res.update({k: float(np.mean(gather_in_order(v, len(test), dist))) for k, v in cost.items()})
     for name, xs in per.items():
         res[name if "@" in name else f"{name}@{K}"] = float(np.mean(xs))
     for name in ("ppm", "pqm", "oracle"):
@@ -777,7 +756,7 @@ def main(args: Args) -> dict:
             if dist.main == (turn == "main"):
                 toy_dir = ensure_toy()
                 code_dir = ensure_code_toy(toy_dir)
-            _barrier(dist)
+            barrier(dist)
         args.model, args.base = args.model or str(code_dir / "policy"), args.base or str(code_dir / "base")
         args.data, args.eval_data = args.data or str(toy_dir / "train.jsonl"), args.eval_data or str(toy_dir / "test.jsonl")
     if not (args.base and args.data and args.eval_data):
@@ -795,7 +774,7 @@ def main(args: Args) -> dict:
         greedy0 = evaluate_policy(args.model, test, args, dist)
         if dist.main:
             write_json(f0, {"greedy_correct": greedy0})
-        _barrier(dist)
+        barrier(dist)
     prev = json.loads(f0.read_text())["greedy_correct"]
     res["round_0/greedy_acc"] = float(np.mean(prev))
     policy, ppm_dir = args.model, None
@@ -813,7 +792,7 @@ def main(args: Args) -> dict:
             info["greedy_acc"] = float(np.mean(info["greedy_correct"]))
             if dist.main:
                 write_json(rd / "done.json", info)
-            _barrier(dist)
+            barrier(dist)
         policy, ppm_dir = str(rd / "policy"), str(rd / "ppm")
         res.update({f"round_{r}/{k}": v for k, v in info.items() if k != "greedy_correct"})
         res[f"diff/round_{r}-round_{r - 1}/greedy"] = list(paired_interval(info["greedy_correct"], prev, seed=args.seed))

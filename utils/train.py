@@ -134,6 +134,29 @@ def gather_lists(dist: Dist, items: list) -> list:
     return [x for part in out for x in part]
 
 
+def barrier(dist: Dist | None) -> None:
+    """Wait for every rank under torchrun; nothing in one process."""
+    if dist is not None and dist.on:
+        torch.distributed.barrier()
+
+
+def rank_share(items: list, dist: Dist) -> list:
+    """This rank's share of a list (every world-th item from its rank); all of it in one process."""
+    return items[dist.rank::dist.world] if dist.on else items
+
+
+def gather_in_order(values: list, n: int, dist: Dist) -> list:
+    """The inverse of rank_share for one value per item of an n-item list: every rank's, gathered on every
+    rank, back in the list's order."""
+    if not dist.on:
+        return values
+    order = gather_lists(dist, list(range(n))[dist.rank::dist.world])
+    out = [None] * n
+    for i, v in zip(order, gather_lists(dist, values)):
+        out[i] = v
+    return out
+
+
 def child_group_env(dist: Dist, offset: int) -> dict:
     """The environment for a script that this rank starts as a subprocess so that the children of all ranks
     form a process group of their own (same ranks, MASTER_PORT + offset): torchrun's, one level down."""
