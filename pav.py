@@ -7,28 +7,41 @@ so V^mu(s_h) is the value of the previous prefix and A^mu_h = Q^mu_h - Q^mu_{h-1
 the base policy pi: from one set of Monte-Carlo rollouts of pi, c right of m, Q^pi = c/m and Q^BoK = 1 -
 C(m-c, K)/C(m, K) (the unbiased pass@K estimator), so no second model is sampled. A PAV (value heads on the
 policy's LM, soft-target BCE) predicts Q^pi and Q^mu per prefix; search and RL use the effective reward
-Q^pi + alpha * A^mu: step-level beam search ranks candidate prefixes by it (alpha_search 0.5), and RLOO
-weighs each step's tokens by (outcome - leave-one-out baseline) + alpha_rl * A^mu_h (alpha_rl 3). Theorem 3.1
-says a prover helps when its advantages vary under pi (distinguishability) and correlate with A^pi
-(alignment); the K sweep prints both, and the RL gain, for K in --ks.
+Q^pi + alpha * A^mu: step-level beam search ranks candidate prefixes by it (alpha_search 0.5), and RL
+follows Eq. 5, grad = sum_h grad log pi(a_h | s_h) * (Q^pi + alpha_rl * A^mu_h): the outcome stands for Q^pi
+(with the leave-one-out baseline of RLOO), A^mu_H of the last step is outcome - Q^mu_{H-1} (a finished
+solution's value is its outcome whatever the prover does), and the process term has a baseline of its own,
+the mean of the other samples' A^mu at the same step (per prompt; unbiased, and a constant added to every
+step cancels). The control `--values mc` replaces the PAV's Q^pi and Q^mu by fresh Monte-Carlo rollouts of the
+base policy (the data stage's estimator) in beam search and in RL: the paper's quantities without the
+verifier's error. Theorem 3.1 says a prover helps when its advantages vary across the actions pi takes at a
+state (distinguishability) and agree with A^pi (alignment); the K sweep measures both per state (actions
+sampled at pi's own states, each valued by rollouts) and the RL gain, for K in --ks.
 
 No public code exists; defaults the paper states are marked (paper), the note's secondhand readings
-(paper, unverified), the rest are ours. Deviations:
+(paper, unverified), the rest are ours. The paper's RL settings (alpha_rl, the baseline of the process
+term, a KL penalty, the RL algorithm) are not in the text read here: alpha_rl 3 is the note's secondhand
+reading, the rest is ours and named below. Deviations:
   1. One PAV model holds a head per prover (q_pi and q_mu@K for every K of --ks), trained together on the
      same prefixes; the paper trains one PAV per prover. The K sweep reads each head.
   2. Beam search picks its answer among the finished beams by Q^pi of the whole solution (the value of a
-     complete solution: its predicted correctness), for the PAV and the Q^pi beam alike.
-  3. RL is a compact on-policy RLOO (one AdamW step per batch, token-mean per sequence, no PPO clip, no
-     KL); the paper's RL details are not public. A^mu is centred on the batch's mean (--rl_center): under
-     pi the prover's value falls along a trajectory, and the uncentred reward pushes down every sampled token.
+     complete solution: its predicted correctness), for the PAV and the Q^pi beam alike; the mc control's
+     value of a complete solution is its outcome, so its pick is exact (compare it with pass@N as well).
+  3. RL is a compact on-policy REINFORCE (one AdamW step per batch, no PPO clip): Eq. 5's sum over a
+     sequence's tokens, divided by max_new_tokens (a constant, so no length bias; --rl_loss token_mean is
+     the per-sequence mean, biased toward short solutions); the process term's leave-one-out baseline is
+     ours (--rl_baseline); a KL penalty to the base policy is off (--kl; k3 estimator per token).
   4. The ORM baseline is a value head trained here on every complete rollout the data stage sampled (seed
      and Monte-Carlo rollouts, 0/1 outcomes): as many policy samples as the PAV's data, more sequences.
-  5. One process: no torchrun (data, training, search and RL run on one device). --backend vllm serves the
-     data and search stages; RL samples with HF from the trained module itself (no weight sync).
-  6. Toy-scale settings (TOY below) replace the defaults when --model is empty.
+  5. torchrun: the data stage, search, the sweep's states and RL's prompts are sharded over ranks and
+     gathered; PAV / ORM training and RL under DDP or FSDP2 (--shard). --backend vllm serves the data and
+     search stages; RL samples with HF from the trained module itself (under FSDP: a copy synced each step).
+  6. The K sweep re-encodes a state (a prefix of a seed rollout) from its step texts joined by the separator.
+  7. Toy-scale settings (TOY below) replace the defaults when --model is empty.
 
-    python pav.py                                                      # toy world on CPU, about 30 minutes
+    python pav.py                                                      # toy world on CPU
     python pav.py --model MODEL_DIR --data train.jsonl --eval_data test.jsonl --n_problems 4000
+    torchrun --nproc_per_node 8 pav.py --model MODEL_DIR --data train.jsonl --eval_data test.jsonl --bf16
 """
 from __future__ import annotations
 
@@ -47,7 +60,8 @@ from tqdm import tqdm
 from utils.data import STEP_SEP, build_prompt, load_problems, read_jsonl, split_steps, step_spans, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade, is_equiv
-from utils.train import MetricsLog, amp, run_main, seed_all, token_logprobs, write_json
+from utils.train import (MetricsLog, all_reduce, amp, barrier, full_state, gather_in_order, gather_lists, rank_share,
+                         run_main, seed_all, setup_dist, shard, token_logprobs, unwrap, write_json)
 from utils.verifiers import (AnswerGroups, PAVVerifier, ValueHeadLM, auc, collate, make_batches, majority,
                              prefix_positions)
 
@@ -87,9 +101,21 @@ class Args:
     max_depth: int = field(default=40, metadata={"help": "step iterations before a beam is sampled to the end"})
     n_eval_problems: int = field(default=500, metadata={"help": "test problems of search and RL evaluation (0: all)"})
     # RL
-    alpha_rl: float = field(default=3.0, metadata={"help": "alpha_rl: weight of A^mu in the RL step reward (paper, unverified: 3-5)"})
-    rl_center: bool = field(default=True, metadata={"help": "subtract the batch's mean A^mu from every step's (a constant "
-                                                           "baseline: unbiased; deviation 3)"})
+    alpha_rl: float = field(default=3.0, metadata={"help": "alpha_rl: weight of A^mu in the RL step reward (paper, "
+                                                           "unverified: 3-5; not in the text read here)"})
+    rl_baseline: str = field(default="loo", metadata={"help": "baseline of the process term: loo (per prompt, the other "
+                                                            "samples' mean A^mu at the same step; ours) | none"})
+    rl_loss: str = field(default="sum", metadata={"help": "sum (Eq. 5: over a sequence's tokens, / max_new_tokens) | "
+                                                        "token_mean (per sequence; biased by length)"})
+    kl: float = field(default=0.0, metadata={"help": "KL penalty to the base policy, k3 per token (the paper's: not in "
+                                                   "the text read here; ours: off)"})
+    values: str = field(default="learned,mc", metadata={"help": "value sources of the PAV beam and PAV-RL rows: learned "
+                                                              "(the PAV) and/or mc (fresh base-policy rollouts: the control)"})
+    value_rollouts: int = field(default=16, metadata={"help": "m: base-policy rollouts per prefix for --values mc, >= "
+                                                            "prover_k (the data stage's estimator)"})
+    mc_search_ns: str = field(default="4,8,16,32", metadata={"help": "beam budgets N searched with mc values"})
+    sweep_states: int = field(default=500, metadata={"help": "K sweep: pi's states (prefixes of seed rollouts) where "
+                                                           "beam_width actions are sampled and valued (0: pooled only)"})
     rl_steps: int = field(default=100, metadata={"help": "RL steps per run (ours)"})
     rl_prompts: int = field(default=64, metadata={"help": "prompts per RL step (ours)"})
     rl_k: int = field(default=4, metadata={"help": "rollouts per prompt; the RLOO group (ours)"})
@@ -99,14 +125,19 @@ class Args:
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds of PAV-RL and outcome-only RL (K sweep: the first)"})
     stages: str = field(default="data,train,search,rl,sweep", metadata={"help": "stages to run (each is skipped when done)"})
     out_dir: str = field(default="runs/pav", metadata={"help": "data.jsonl, pav/, orm/, search.json, rl/, results.json"})
+    sweep_rl: bool = field(default=True, metadata={"help": "K sweep: a PAV-RL run (first seed) for every K, not only "
+                                                         "prover_k's (whose gain is the mean over seeds)"})
+    shard: str = field(default="ddp", metadata={"help": "torchrun: ddp | fsdp (FSDP2, a unit per decoder layer) for "
+                                                      "PAV / ORM training and RL"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on GPU for PAV / ORM training and RL, fp32 "
                                                       "master weights (the paper trains in bf16)"})
     seed: int = field(default=0, metadata={"help": "seed of data, training and search"})
 
 
-# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 30 minutes in all).
+# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 35 minutes in all).
 TOY = dict(n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
-           max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024)
+           max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024,
+           value_rollouts=8, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False)
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -146,14 +177,61 @@ def rloo(rewards: list[float], k: int) -> list[float]:
     return out
 
 
+def process_terms(q_mu: list[float], outcome: float) -> list[float]:
+    """A^mu_h for h = 1..H in RL from the prover's values of prefixes 0..H-1: the last step's Q^mu_H is the
+    outcome itself (a finished solution is right or wrong whatever the prover would do)."""
+    return progress(list(q_mu) + [outcome])
+
+
+def loo_step_baseline(a_mu: list[list[float]], k: int) -> list[list[float]]:
+    """A^mu_{i,h} minus the mean A^mu at step h of the other samples of its prompt (consecutive groups of
+    k; their mean over all steps where none has a step h): the baseline depends on the other samples
+    alone, so it adds no bias, and a constant added to every step cancels exactly."""
+    out = []
+    for g in range(0, len(a_mu), k):
+        grp = a_mu[g: g + k]
+        for i, am in enumerate(grp):
+            others = [o for j, o in enumerate(grp) if j != i]
+            row = []
+            for h, x in enumerate(am):
+                pool = [o[h] for o in others if len(o) > h] or [y for o in others for y in o]
+                row.append(x - (sum(pool) / len(pool) if pool else 0.0))
+            out.append(row)
+    return out
+
+
 def step_weights(step_of: list[int], a_out: float, a_mu: list[float], alpha_rl: float) -> list[float]:
     """Each token's policy-gradient weight: the outcome advantage + alpha_rl * A^mu of the token's step."""
     return [a_out + alpha_rl * (a_mu[min(s, len(a_mu) - 1)] if a_mu else 0.0) for s in step_of]
 
 
+def seq_reduce(x: torch.Tensor, mask: torch.Tensor, kind: str, norm: float) -> torch.Tensor:
+    """Per-token terms (B, T) to one loss: each sequence's sum / norm (kind "sum": a constant, as Eq. 5's sum
+    over steps) or its token mean (kind "token_mean": 1/T_i, which leans toward short sequences), then the
+    mean over sequences."""
+    s = (x * mask).sum(-1)
+    return (s / norm if kind == "sum" else s / mask.sum(-1).clamp(min=1)).mean()
+
+
+def kl_k3(lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(pi || ref) per token: exp(ref - lp) - (ref - lp) - 1 (>= 0)."""
+    d = ref_lp - lp
+    return torch.exp(d) - d - 1
+
+
 def distinguishability(a_mu: list[float]) -> float:
-    """Var of A^mu over the steps pi takes (Theorem 3.1's first term)."""
+    """Var of A^mu over a set of steps (at one state: Theorem 3.1's first term)."""
     return float(np.var(a_mu)) if a_mu else float("nan")
+
+
+def per_state(states: list[tuple[list[float], list[float]]]) -> tuple[float, float]:
+    """Theorem 3.1's two terms from (A^mu, A^pi) of the actions sampled at each state: the mean over states
+    of Var_a A^mu(s, a) (distinguishability) and of E_a[A^mu(s, a) A^pi(s, a)] (alignment)."""
+    st = [(m, p) for m, p in states if m]
+    if not st:
+        return float("nan"), float("nan")
+    return (float(np.mean([np.var(m) for m, _ in st])),
+            float(np.mean([np.mean(np.asarray(m) * np.asarray(p)) for m, p in st])))
 
 
 def alignment(a_mu: list[float], a_pi: list[float]) -> float:
@@ -169,17 +247,19 @@ def samples_to_reach(curve: list[tuple[int, float]], target: float) -> int | Non
 
 
 # ----------------------------------------------------------------------------- 1. data: Monte-Carlo prefix values
-def collect(gen, tok, problems: list[dict], args: Args, out: Path) -> dict:
+def collect(gen, tok, problems: list[dict], args: Args, out: Path, dist=None) -> dict:
     """n_cov seed rollouts per problem; for every prefix of each (the question alone included), n_mc
-    rollouts of pi, graded. Appends one row per seed rollout to out/data.jsonl (resumable by problem)."""
-    path, done = out / "data.jsonl", set()
+    rollouts of pi, graded. Appends one row per seed rollout to out/data.jsonl (resumable by problem).
+    Under torchrun each rank samples every world-th problem; rank 0 writes each chunk's gathered rows."""
+    path, done, world, rank = out / "data.jsonl", set(), dist.world if dist else 1, dist.rank if dist else 0
     if path.exists():
         done = {r["problem"] for r in read_jsonl(path)}
     todo = [p for p in problems if p["problem"] not in done]
+    mine = todo[rank::world]
     stats = {"calls": 0, "samples": 0, "tokens": 0}
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="PAV data (MC rollouts)")
-    for s in range(0, len(todo), 32):
-        chunk = todo[s: s + 32]
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="PAV data (MC rollouts)", disable=rank > 0)
+    for j in range(math.ceil(math.ceil(len(todo) / world) / 32)):  # as many chunks on every rank (collectives)
+        s, chunk = (j * world + rank) * 32, mine[j * 32: (j + 1) * 32]
         prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in chunk]
         seeds = _sample(gen, prompts, args.n_cov, args, stats, seed=args.seed * 7919 + s)
         # the prefixes to estimate: (problem index, prefix ids); the question alone is shared by its seeds
@@ -205,11 +285,15 @@ def collect(gen, tok, problems: list[dict], args: Args, out: Path) -> dict:
                          for o, y in zip(outs, ok)]
         for r in rows:
             r["c"], r["m"] = [prefixes[k] for k in r.pop("keys")], args.mc_rollouts
-        write_jsonl(out / "rollouts.jsonl", finished, append=True)  # every complete rollout: the ORM's data
-        write_jsonl(path, rows, append=True)  # written last: a problem in data.jsonl is done
-        bar.update(len(chunk))
+        finished, rows = (gather_lists(dist, finished), gather_lists(dist, rows)) if dist else (finished, rows)
+        if rank == 0:
+            write_jsonl(out / "rollouts.jsonl", finished, append=True)  # every complete rollout: the ORM's data
+            write_jsonl(path, rows, append=True)  # written last: a problem in data.jsonl is done
+        bar.update(len({r["problem"] for r in rows}))
         bar.set_postfix(samples=stats["samples"])
     bar.close()
+    if dist and dist.on:  # every rank's sampling counted
+        stats = {k: sum(d[k] for d in gather_lists(dist, [stats])) for k in stats}
     return stats
 
 
@@ -227,14 +311,46 @@ def data_rows(rows: list[dict], ks: list[int]) -> list[dict]:
     return [r | {"targets": prefix_targets(r["c"], r["m"], r["outcome"], ks)} for r in rows]
 
 
+class MCValues:
+    """The control (--values mc): Q^pi and Q^mu@K of a prefix (token ids, the prompt first) from m fresh
+    rollouts of the base policy, c right: c/m and pass@K, the data stage's estimator, in place of the PAV's
+    predictions. Each prefix is sampled once (cached); rollout samples and tokens go to `ledger`, apart
+    from the policy's."""
+
+    def __init__(self, gen, tok, m: int, ks: list[int], args: Args, seed: int = 0):
+        self.gen, self.tok, self.m, self.args, self.seed = gen, tok, m, args, seed
+        self.ks = [k for k in ks if k <= m]
+        self.cache, self.ledger = {}, {"calls": 0, "samples": 0, "tokens": 0}
+
+    def values(self, prefixes: list[list[int]], prompt_lens: list[int], answers: list[str]) -> list[dict[str, float]]:
+        new = {}
+        for p, n, a in zip(prefixes, prompt_lens, answers):
+            if tuple(p) not in self.cache:
+                new.setdefault(tuple(p), (n, a))
+        outs = _sample(self.gen, [list(k) for k in new], self.m, self.args, self.ledger,
+                       seed=self.seed * 104729 + 7 * self.ledger["calls"]) if new else []
+        for (key, (n, a)), os_ in zip(new.items(), outs):
+            head = self.tok.decode(list(key[n:]), skip_special_tokens=True)
+            self.cache[key] = sum(grade(head + o.text, a) for o in os_)
+        return [self.heads(self.cache[tuple(p)]) for p in prefixes]
+
+    def heads(self, c: int) -> dict[str, float]:
+        return {"q_pi": c / self.m} | {f"q_mu@{k}": pass_at_k(self.m, c, k) for k in self.ks}
+
+
 # ----------------------------------------------------------------------------- 2. training the PAV and the ORM
-def train_values(init: str, rows: list[dict], heads: list[str], args: Args, out: Path, meta: dict, dev,
+def train_values(init: str, rows: list[dict], heads: list[str], args: Args, out: Path, meta: dict, dist,
                  desc: str) -> dict:
     """Value heads on the policy's LM, soft-target BCE on every (prefix, head) of `rows` ({problem, steps,
-    targets: {head: [per prefix]}, only_last}); the epoch with the lowest held-out loss is saved to out."""
+    targets: {head: [per prefix]}, only_last}); the epoch with the lowest held-out loss is saved to out.
+    Under torchrun each rank takes every world-th batch (as many on each) under DDP or FSDP2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(init)
-    model = ValueHeadLM(AutoModelForCausalLM.from_pretrained(init), outputs=len(heads)).to(dev)
+    tok, dev, fsdp = AutoTokenizer.from_pretrained(init), dist.device, dist.on and args.shard == "fsdp"
+    model = ValueHeadLM(AutoModelForCausalLM.from_pretrained(init), outputs=len(heads))
+    head = model.model.get_output_embeddings()
+    if head is not None and head.weight is not model.model.get_input_embeddings().weight:
+        head.requires_grad_(False)  # the LM head is not in the value heads' graph (DDP needs every trained parameter used)
+    model = shard(model if fsdp else model.to(dev), args.shard, dist, args.bf16 and dev.type == "cuda")
     rng = random.Random(args.seed)
     probs = sorted({r["problem"] for r in rows})
     held = set(rng.sample(probs, max(1, int(args.eval_frac * len(probs))))) if len(probs) > 1 else set()
@@ -251,15 +367,17 @@ def train_values(init: str, rows: list[dict], heads: list[str], args: Args, out:
     const = _const_loss(flat.mean(0), ex["eval"])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     batches = [make_batches(ex["train"], args.batch_tokens, random.Random(args.seed + e)) for e in range(args.epochs)]
+    if dist.on:  # every world-th batch, as many on each rank (DDP / FSDP average the gradients)
+        batches = [(b * dist.world)[dist.rank: max(1, len(b) // dist.world) * dist.world: dist.world] for b in batches]
     total = sum(len(b) for b in batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
-    log, best, step, pad = MetricsLog(out), float("inf"), 0, tok.pad_token_id or 0
-    bar = tqdm(total=total, desc=desc)
+    log, best, step, pad = MetricsLog(out, enabled=dist.main), float("inf"), 0, tok.pad_token_id or 0
+    bar = tqdm(total=total, desc=desc, disable=not dist.main)
     for epoch in range(args.epochs):
         model.train()
         for b in batches[epoch]:
             ids, mask, tb, tt, target = collate(b, pad, dev)
-            with amp(args.bf16, dev):
+            with amp(args.bf16 and not fsdp, dev):
                 z = model(ids, mask, tb, tt).float().reshape(target.shape)
             loss = F.binary_cross_entropy_with_logits(z, target)
             loss.backward()
@@ -269,14 +387,17 @@ def train_values(init: str, rows: list[dict], heads: list[str], args: Args, out:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        held_loss = _heldout_loss(model, ex["eval"], args, pad, dev)
+        held_loss = _heldout_loss(model, ex["eval"], args, pad, dist)
         log.log(step, **{"eval/loss": held_loss, "epoch": epoch + 1})
         if held_loss <= best or held_loss != held_loss:
             best = held_loss
-            model.save(out)
-            tok.save_pretrained(out)
-            write_json(out / "verifier.json", meta | {"heads": heads, "epoch": epoch + 1, "heldout_loss": held_loss})
+            sd = full_state(model, fsdp=fsdp)[0]  # a collective under FSDP
+            if dist.main:
+                unwrap(model).save(out, state_dict=sd)
+                tok.save_pretrained(out)
+                write_json(out / "verifier.json", meta | {"heads": heads, "epoch": epoch + 1, "heldout_loss": held_loss})
     bar.close()
+    barrier(dist)
     return {"train_sequences": len(ex["train"]), "train_targets": sum(len(e["tags"]) for e in ex["train"]) * len(heads),
             "heldout_loss": best, "heldout_loss_constant": const}
 
@@ -290,27 +411,64 @@ def _const_loss(p: torch.Tensor, ex: list[dict]) -> float:
 
 
 @torch.no_grad()
-def _heldout_loss(model, ex: list[dict], args: Args, pad: int, dev) -> float:
+def _heldout_loss(model, ex: list[dict], args: Args, pad: int, dist) -> float:
+    """Mean BCE over every held-out target (each rank every world-th batch, summed over ranks)."""
     if not ex:
         return float("nan")
     model.eval()
-    tot = n = 0.0
-    for b in make_batches(ex, args.batch_tokens, random.Random(0)):
-        ids, mask, tb, tt, target = collate(b, pad, dev)
-        tot += F.binary_cross_entropy_with_logits(model(ids, mask, tb, tt).reshape(target.shape), target,
-                                                  reduction="sum").item()
-        n += target.numel()
+    bs = make_batches(ex, args.batch_tokens, random.Random(0))
+    tot = torch.zeros(2, device=dist.device)
+    for j in range(math.ceil(len(bs) / dist.world)):  # as many forwards on every rank (FSDP's collectives)
+        i = j * dist.world + dist.rank
+        ids, mask, tb, tt, target = collate(bs[i % len(bs)], pad, dist.device)
+        loss = F.binary_cross_entropy_with_logits(model(ids, mask, tb, tt).float().reshape(target.shape), target,
+                                                  reduction="sum")
+        if i < len(bs):
+            tot += torch.stack([loss, torch.tensor(float(target.numel()), device=dist.device)])
+    all_reduce(tot, torch.distributed.ReduceOp.SUM, dist)
     model.train()
-    return tot / n
+    return (tot[0] / tot[1]).item()
 
 
 # ----------------------------------------------------------------------------- 3. search
-def beam_search(gen, tok, problems: list[dict], prompts: list[list[int]], n: int, m: int, verifier: PAVVerifier,
-                alpha: float, args: Args, ledger: dict) -> list[str | None]:
+def pav_scorer(pav: PAVVerifier, problems: list[dict], alpha: float):
+    """Beam scores from the PAV: (Q^pi_h + alpha * A^mu_h of the last step, Q^pi of the prefix) per candidate."""
+    mu = f"q_mu@{pav.prover_k}"
+
+    def score(cands):
+        vals = pav.prefix_values([problems[c[0]]["problem"] for c in cands], [c[3] or [""] for c in cands])
+        return [(effective_reward(v["q_pi"], v.get(mu, v["q_pi"]), alpha if mu in v else 0.0)[-1], v["q_pi"][-1])
+                for v in vals]
+    return score
+
+
+def mc_scorer(mc: MCValues, problems: list[dict], prompts: list[list[int]], alpha: float, k: int, tok):
+    """Beam scores from fresh rollouts (the control): the effective reward from the MC values of the
+    candidate and of its parent prefix; a finished candidate's value is its outcome (deviation 2)."""
+    def score(cands):
+        open_ = [c for c in cands if not c[4]]
+        lens, golds = [len(prompts[c[0]]) for c in open_], [str(problems[c[0]]["answer"]) for c in open_]
+        par = iter(mc.values([c[1] for c in open_], lens, golds))  # the parents: sampled last iteration (cached)
+        own = iter(mc.values([c[2] for c in open_], lens, golds))
+        out = []
+        for i, parent, ids, steps, done in cands:
+            if done:
+                y = float(grade(tok.decode(ids[len(prompts[i]):], skip_special_tokens=True), str(problems[i]["answer"])))
+                out.append((y, y))
+            else:
+                p, v = next(par), next(own)
+                out.append((v["q_pi"] + alpha * (v[f"q_mu@{k}"] - p[f"q_mu@{k}"]), v["q_pi"]))
+        return out
+    return score
+
+
+def beam_search(gen, tok, problems: list[dict], prompts: list[list[int]], n: int, m: int, score, args: Args,
+                ledger: dict) -> list[str | None]:
     """Step-level beam search, batched over problems: N candidate first steps; each iteration keeps the N/M
-    open candidates of highest effective reward Q^pi + alpha * A^mu (of their last step) and samples M next
-    steps from each; finished candidates go to a pool (until it holds N). Returns each problem's answer: the
-    pooled solution of highest Q^pi (deviation 2)."""
+    open candidates of highest effective reward Q^pi + alpha * A^mu (of their last step; `score` gives it
+    and the value of the prefix for each candidate (problem, parent ids, ids, steps, done)) and samples M
+    next steps from each; finished candidates go to a pool (until it holds N). Returns each problem's
+    answer: the pooled solution of highest value (deviation 2)."""
     keep = max(1, n // m)
     frontier = {i: [(list(prompts[i]), [])] for i in range(len(problems))}  # (ids, step texts)
     pool = {i: [] for i in range(len(problems))}
@@ -329,14 +487,11 @@ def beam_search(gen, tok, problems: list[dict], prompts: list[list[int]], n: int
             for s in o:
                 text = s.text.strip()
                 done = last or s.finish in ("eos", "length", "too_long") or "boxed" in text
-                cands.append((i, ids + list(s.token_ids), st + ([text] if text else []), done))
-        vals = verifier.prefix_values([problems[c[0]]["problem"] for c in cands], [c[2] or [""] for c in cands])
-        mu = f"q_mu@{verifier.prover_k}"
+                cands.append((i, ids, ids + list(s.token_ids), st + ([text] if text else []), done))
         frontier = {}
-        for (i, ids, st, done), v in zip(cands, vals):
-            r = effective_reward(v["q_pi"], v.get(mu, v["q_pi"]), alpha if mu in v else 0.0)[-1]
+        for (i, _, ids, st, done), (r, v) in zip(cands, score(cands) if cands else []):
             if done:
-                pool[i].append((v["q_pi"][-1], tok.decode(ids[len(prompts[i]):], skip_special_tokens=True)))
+                pool[i].append((v, tok.decode(ids[len(prompts[i]):], skip_special_tokens=True)))
             else:
                 frontier.setdefault(i, []).append((r, ids, st))
         frontier = {i: [(ids, st) for _, ids, st in sorted(bs, key=lambda b: -b[0])[:keep]]
@@ -354,16 +509,20 @@ def paired_interval(a: list[float], b: list[float], iters: int = 2000, seed: int
     return float(d.mean()), float(lo), float(hi)
 
 
-def run_search(gen, tok, test: list[dict], pav: PAVVerifier, orm: PAVVerifier, args: Args) -> dict:
+def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifier, args: Args, dist,
+               values: set[str]) -> dict:
     """ORM best-of-N and majority over N_max samples (disjoint groups of N averaged), then beam search on the
-    effective reward (pav_beam) and on Q^pi alone (qpi_beam) at each beam budget; tokens per problem beside."""
-    res, per = {}, {}
+    effective reward (pav_beam: the PAV; mc_beam: fresh rollouts) and on Q^pi alone (qpi_beam) at each beam
+    budget; tokens per problem beside (tokens/mc_rollouts@N: the control's rollouts, apart). Under torchrun
+    each rank searches every world-th problem; the per-problem figures are gathered in order."""
+    per, tot, scored = {}, {}, []  # per-problem figures, token totals, (score name, score, right)
+    test = rank_share(test_all, dist)
     prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in test]
     golds = [str(p["answer"]) for p in test]
     ns, nmax = sorted(int(x) for x in args.ns.split(",")), max(int(x) for x in args.ns.split(","))
     outs, stats = [], {"calls": 0, "samples": 0, "tokens": 0}
-    for s in tqdm(range(0, len(prompts), 16), desc=f"best-of-{nmax} samples"):
-        outs += _sample(gen, prompts[s: s + 16], nmax, args, stats, seed=args.seed + s)
+    for s in tqdm(range(0, len(prompts), 16), desc=f"best-of-{nmax} samples", disable=not dist.main):
+        outs += _sample(gen, prompts[s: s + 16], nmax, args, stats, seed=args.seed + s * dist.world + dist.rank)
     answers = [[extract_answer(o.text) for o in os_] for os_ in outs]
     ok = [[a is not None and is_equiv(a, g) for a in row] for row, g in zip(answers, golds)]
     steps = [step_spans(tok, list(o.token_ids))[0] or [""] for os_ in outs for o in os_]
@@ -372,114 +531,188 @@ def run_search(gen, tok, test: list[dict], pav: PAVVerifier, orm: PAVVerifier, a
     ntok = [[len(o.token_ids) for o in os_] for os_ in outs]
     pav_v = pav.prefix_values([p["problem"] for p in test for _ in range(nmax)], steps)
     y = [float(x) for row in ok for x in row]  # how well each tells right from wrong samples
-    res["auc/orm_last"] = auc([v[-1] if v else 0.0 for v in orm_v], y)
-    res["auc/pav_qpi_last"] = auc([v["q_pi"][-1] for v in pav_v], y)
-    res["auc/pav_qpi_min"] = auc([min(v["q_pi"]) for v in pav_v], y)
+    scored += [("orm_last", v[-1] if v else 0.0, t) for v, t in zip(orm_v, y)]
+    scored += [("pav_qpi_last", v["q_pi"][-1], t) for v, t in zip(pav_v, y)]
+    scored += [("pav_qpi_min", min(v["q_pi"]), t) for v, t in zip(pav_v, y)]
     groups = [AnswerGroups() for _ in test]
     for n in ns:
         g = nmax // n
         for name in ("orm_bon", "maj", "pass"):
             per[f"{name}@{n}"] = []
+            tot[f"{name}@{n}"] = sum(sum(x[:n]) for x in ntok)
         for i in range(len(test)):
             sl = [slice(j * n, (j + 1) * n) for j in range(g)]
             per[f"orm_bon@{n}"].append(sum(ok[i][s][int(np.argmax(orm_s[i][s]))] for s in sl) / g)
             per[f"maj@{n}"].append(sum((lambda a: a is not None and is_equiv(a, golds[i]))(
                 majority(answers[i][s], groups[i])) for s in sl) / g)
             per[f"pass@{n}"].append(sum(any(ok[i][s]) for s in sl) / g)
-        for name in ("orm_bon", "maj", "pass"):
-            res[f"tokens/{name}@{n}"] = sum(sum(x[:n]) for x in ntok) / len(test)
-    for name, alpha in (("pav_beam", args.alpha), ("qpi_beam", 0.0)):
-        for n in sorted(int(x) for x in args.search_ns.split(",")):
+    beams = [("pav_beam", args.search_ns, lambda n: pav_scorer(pav, test, args.alpha))] * ("learned" in values) + \
+            [("qpi_beam", args.search_ns, lambda n: pav_scorer(pav, test, 0.0))]
+    mcs = {}
+    if "mc" in values:
+        beams.append(("mc_beam", args.mc_search_ns, lambda n: mc_scorer(mcs.setdefault(n, MCValues(
+            gen, tok, args.value_rollouts, [args.prover_k], args, seed=args.seed + 1 + dist.rank)), test, prompts,
+            args.alpha, args.prover_k, tok)))
+    for name, budgets, scorer in beams:
+        for n in sorted(int(x) for x in budgets.split(",")):
             ledger, t = {"tokens": 0, "calls": 0}, time.time()
-            preds = beam_search(gen, tok, test, prompts, n, args.beam_width, pav, alpha, args, ledger)
+            preds = beam_search(gen, tok, test, prompts, n, args.beam_width, scorer(n), args, ledger)
             per[f"{name}@{n}"] = [float(p is not None and is_equiv(p, g)) for p, g in zip(preds, golds)]
-            res[f"tokens/{name}@{n}"] = ledger["tokens"] / len(test)
-            res[f"seconds/{name}@{n}"] = time.time() - t
-            print(f"{name}@{n}: {100 * np.mean(per[f'{name}@{n}']):.1f}%  {res[f'tokens/{name}@{n}']:.0f} tok/problem "
-                  f"({time.time() - t:.0f}s)", flush=True)
-    res.update({k: float(np.mean(v)) for k, v in per.items()})
-    for n in sorted(int(x) for x in args.search_ns.split(",")):  # against the ORM at the nearest token count
-        b = min(ns, key=lambda b: abs(math.log(res[f"tokens/orm_bon@{b}"] / res[f"tokens/pav_beam@{n}"])))
-        res[f"pav_vs_orm@{n}"] = {"orm_n": b, "tokens_pav": res[f"tokens/pav_beam@{n}"],
-                                  "tokens_orm": res[f"tokens/orm_bon@{b}"],
-                                  "diff": list(paired_interval(per[f"pav_beam@{n}"], per[f"orm_bon@{b}"], seed=args.seed))}
-        res[f"pav_vs_qpi@{n}"] = list(paired_interval(per[f"pav_beam@{n}"], per[f"qpi_beam@{n}"], seed=args.seed))
+            tot[f"{name}@{n}"] = ledger["tokens"]
+            if name == "mc_beam":
+                tot[f"mc_rollouts@{n}"] = mcs[n].ledger["tokens"]
+                tot[f"mc_rollout_samples@{n}"] = mcs[n].ledger["samples"]
+            if dist.main:
+                print(f"{name}@{n}: {100 * np.mean(per[f'{name}@{n}']):.1f}% (rank 0's problems)  "
+                      f"{ledger['tokens'] / max(1, len(test)):.0f} tok/problem ({time.time() - t:.0f}s)", flush=True)
+    # every rank's problems, in order
+    per = {k: gather_in_order(v, len(test_all), dist) for k, v in sorted(per.items())}
+    tot = {k: sum(d[k] for d in gather_lists(dist, [tot])) for k in tot}
+    scored = gather_lists(dist, scored)
+    res = {k: float(np.mean(v)) for k, v in per.items()}
+    res.update({f"tokens/{k}": v / len(test_all) for k, v in tot.items()})
+    for name in ("orm_last", "pav_qpi_last", "pav_qpi_min"):
+        res[f"auc/{name}"] = auc([s for k, s, _ in scored if k == name], [t for k, _, t in scored if k == name])
+
+    def nearest(n, name):  # the best-of-N budget whose tokens are nearest a beam's
+        return min(ns, key=lambda b: abs(math.log(res[f"tokens/orm_bon@{b}"] / max(1e-9, res[f"tokens/{name}@{n}"]))))
+    for name, budgets, _ in beams:
+        if name == "qpi_beam":
+            continue
+        pre = "pav" if name == "pav_beam" else "mc"
+        for n in sorted(int(x) for x in budgets.split(",")):  # against the ORM (and pass@N) at the nearest token count
+            b = nearest(n, name)
+            res[f"{pre}_vs_orm@{n}"] = {"orm_n": b, f"tokens_{pre}": res[f"tokens/{name}@{n}"],
+                                        "tokens_orm": res[f"tokens/orm_bon@{b}"],
+                                        "diff": list(paired_interval(per[f"{name}@{n}"], per[f"orm_bon@{b}"], seed=args.seed))}
+            if name == "mc_beam":  # both pick exactly: the search's own effect
+                res[f"mc_vs_pass@{n}"] = {"pass_n": b, "diff": list(paired_interval(per[f"{name}@{n}"], per[f"pass@{b}"],
+                                                                                    seed=args.seed))}
+            elif f"qpi_beam@{n}" in per:
+                res[f"pav_vs_qpi@{n}"] = list(paired_interval(per[f"{name}@{n}"], per[f"qpi_beam@{n}"], seed=args.seed))
     best_n = max(ns, key=lambda b: res[f"orm_bon@{b}"])
-    reach = [n for n in sorted(int(x) for x in args.search_ns.split(",")) if res[f"pav_beam@{n}"] >= res[f"orm_bon@{best_n}"]]
     res["orm_best"] = {"n": best_n, "acc": res[f"orm_bon@{best_n}"], "tokens": res[f"tokens/orm_bon@{best_n}"]}
-    res["pav_reaches_orm_best_at"] = reach[0] if reach else None  # ratio > 1: the PAV beam needs fewer tokens
-    res["pav_compute_efficiency"] = (res[f"tokens/orm_bon@{best_n}"] / res[f"tokens/pav_beam@{reach[0]}"]) if reach else None
-    res["search_samples"] = stats["samples"]
+    for pre, name, budgets in (("pav", "pav_beam", args.search_ns), ("mc", "mc_beam", args.mc_search_ns)):
+        if f"{name}@{sorted(int(x) for x in budgets.split(','))[0]}" not in res:
+            continue
+        reach = [n for n in sorted(int(x) for x in budgets.split(",")) if res[f"{name}@{n}"] >= res["orm_best"]["acc"]]
+        res[f"{pre}_reaches_orm_best_at"] = reach[0] if reach else None  # ratio > 1: the beam needs fewer tokens
+        res[f"{pre}_compute_efficiency"] = (res["orm_best"]["tokens"] / res[f"tokens/{name}@{reach[0]}"]) if reach else None
+    res["search_samples"] = sum(d["samples"] for d in gather_lists(dist, [stats]))
     return res
 
 
 # ----------------------------------------------------------------------------- 4. RL
-def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int, out: Path,
-           pav: PAVVerifier | None, k: int | None) -> dict:
-    """Online RLOO from the base policy: each step rl_prompts x rl_k rollouts at the temperature, graded;
-    token weights (outcome - RLOO baseline) + alpha_rl * A^mu of the token's step (pav given: its q_mu@k
-    head), else the outcome advantage alone; one AdamW step. Test per-sample accuracy every rl_eval_every
-    steps. Writes out/metrics.jsonl and out/curve.json (resumes a finished run by reading them)."""
+def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int, out: Path, values, k: int | None,
+           dist, gen_base=None) -> dict:
+    """Online RL from the base policy (Eq. 5): each step rl_prompts x rl_k rollouts at the temperature,
+    graded; token weights (outcome - RLOO baseline) + alpha_rl * (A^mu of the token's step - its baseline),
+    A^mu from `values` ("learned": the PAV's q_mu@k head; "mc": m fresh rollouts of the base policy from
+    every prefix, sampled by gen_base), else the outcome advantage alone; one AdamW step on the sequence-sum
+    loss (+ kl * KL to the base policy). Test per-sample accuracy every rl_eval_every steps. Under torchrun
+    each rank takes every world-th prompt of a step (DDP or FSDP2). Writes out/metrics.jsonl and
+    out/curve.json (a finished run with the same settings is read back)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    cfg = {k: getattr(args, k) for k in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
-                                         "temperature", "n_eval_problems") + (("alpha_rl", "rl_center") if pav else ())}
+    kind = "outcome" if values is None else "mc" if isinstance(values, str) else "learned"
+    cfg = {x: getattr(args, x) for x in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
+                                         "temperature", "n_eval_problems", "rl_loss", "kl")}
+    cfg |= {x: getattr(args, x) for x in ("alpha_rl", "rl_baseline")} if values is not None else {}
+    cfg |= {"values": kind, "value_rollouts": args.value_rollouts} if kind == "mc" else {}
     if (out / "curve.json").exists() and json.loads((out / "curve.json").read_text()).get("config") == cfg:
         return json.loads((out / "curve.json").read_text())  # a finished run with these settings
+    if args.rl_prompts % dist.world:
+        raise ValueError(f"--rl_prompts {args.rl_prompts} must be a multiple of the {dist.world} ranks")
     seed_all(seed)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev, fsdp = dist.device, dist.on and args.shard == "fsdp"
     tok = AutoTokenizer.from_pretrained(init)
-    policy = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).to(dev)
-    gen = load_backend(init, backend="hf", model=policy, tokenizer=tok, device=dev)  # samples with the module itself
+    policy = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    policy = shard(policy if fsdp else policy.to(dev), args.shard, dist, args.bf16 and dev.type == "cuda")
+    ref = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).to(dev).requires_grad_(False).eval() \
+        if args.kl > 0 else None
+    gen = load_backend(init, backend="hf", tokenizer=tok, device=dev) if fsdp else \
+        load_backend(init, backend="hf", model=unwrap(policy), tokenizer=tok, device=dev)  # samples with the module itself
+    mc = MCValues(gen_base, tok, args.value_rollouts, [k], args, seed=seed * 31 + 1 + dist.rank) if kind == "mc" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=args.rl_lr, weight_decay=0.0)
     pad, order = tok.pad_token_id or 0, random.Random(seed).sample(range(len(train)), len(train))
-    log, curve, samples = MetricsLog(out), [], 0
-    (out / "metrics.jsonl").write_text("")
-    bar = tqdm(range(args.rl_steps + 1), desc=f"RL {'pav@' + str(k) if pav else 'outcome'} seed {seed}", leave=False)
+    log, curve, samples = MetricsLog(out, enabled=dist.main), [], 0
+    if dist.main:
+        (out / "metrics.jsonl").write_text("")
+    name = {"outcome": "outcome", "learned": f"pav@{k}", "mc": f"mc@{k}"}[kind]
+    bar = tqdm(range(args.rl_steps + 1), desc=f"RL {name} seed {seed}", leave=False, disable=not dist.main)
+    amp_on = args.bf16 and not fsdp
     for step in bar:
         m = {}
         if step % args.rl_eval_every == 0 or step == args.rl_steps:
-            m["eval/sample_acc"] = _eval(gen, tok, test, args, seed)
+            with amp(amp_on, dev):
+                m["eval/sample_acc"] = _eval(gen, tok, test, args, seed, dist)
             curve.append((samples, m["eval/sample_acc"]))
         if step == args.rl_steps:
             log.log(step, samples=samples, **m)
             break
-        batch = [train[order[(step * args.rl_prompts + j) % len(train)]] for j in range(args.rl_prompts)]
+        batch = rank_share([train[order[(step * args.rl_prompts + j) % len(train)]] for j in range(args.rl_prompts)], dist)
         prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in batch]
-        policy.eval()
-        outs = gen.sample(prompts, n=args.rl_k, temperature=args.temperature, max_tokens=args.max_new_tokens,
-                          seed=seed * 100003 + step, logprobs=False)
+        unwrap(policy).eval()
+        with amp(amp_on, dev):
+            outs = gen.sample(prompts, n=args.rl_k, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                              seed=seed * 100003 + step + 7919 * dist.rank, logprobs=False)
         resp = [list(o.token_ids) or [pad] for os_ in outs for o in os_]
         reward = [float(grade(o.text, str(p["answer"]))) for p, os_ in zip(batch, outs) for o in os_]
         a_out = rloo(reward, args.rl_k)
-        samples += len(resp)
-        if pav is not None:
+        samples += args.rl_prompts * args.rl_k  # every rank's
+        if values is not None:
             spans = [step_spans(tok, r) for r in resp]
-            vals = pav.prefix_values([p["problem"] for p in batch for _ in range(args.rl_k)], [s[0] or [""] for s in spans])
-            a_mu = [progress(v[f"q_mu@{k}"]) for v in vals]
-            m["train/a_mu_mean"] = float(np.mean([x for am in a_mu for x in am])) if any(a_mu) else 0.0
-            if args.rl_center:  # NOTE: under pi, A^mu drifts negative (mu is the better policy): centre it
-                a_mu = [[x - m["train/a_mu_mean"] for x in am] for am in a_mu]
+            if kind == "mc":  # prefixes 0..H-1 of each response, valued by fresh rollouts
+                pre = [(i, prompts[i // args.rl_k] + resp[i][:e]) for i, (_, ends) in enumerate(spans)
+                       for e in [0] + ends[:-1]]
+                v = mc.values([p for _, p in pre], [len(prompts[i // args.rl_k]) for i, _ in pre],
+                              [str(batch[i // args.rl_k]["answer"]) for i, _ in pre])
+                q_mu = [[] for _ in resp]
+                for (i, _), x in zip(pre, v):
+                    q_mu[i].append(x[f"q_mu@{k}"])
+            else:
+                vals = values.prefix_values([p["problem"] for p in batch for _ in range(args.rl_k)], [s[0] or [""] for s in spans])
+                q_mu = [x[f"q_mu@{k}"][:-1] for x in vals]
+            a_mu = [process_terms(q, y) for q, y in zip(q_mu, reward)]  # A^mu_H = outcome - Q^mu_{H-1}
+            m["train/a_mu_mean"] = float(np.mean([x for am in a_mu for x in am]))
+            if args.rl_baseline == "loo":
+                a_mu = loo_step_baseline(a_mu, args.rl_k)
             weights = [step_weights(_token_steps(len(r), s[1]), a, am, args.alpha_rl)
                        for r, s, a, am in zip(resp, spans, a_out, a_mu)]
-            m["train/a_mu_abs"] = float(np.mean([abs(x) for am in a_mu for x in am])) if any(a_mu) else 0.0
+            m["train/a_mu_abs"] = float(np.mean([abs(x) for am in a_mu for x in am]))
+            if mc is not None:
+                m["mc_rollouts"], m["mc_rollout_tokens"] = mc.ledger["samples"], mc.ledger["tokens"]
         else:
             weights = [[a] * len(r) for r, a in zip(resp, a_out)]
-        policy.train()
-        with amp(args.bf16, dev):
-            lp, mask = token_logprobs(policy, [prompts[i // args.rl_k] for i in range(len(resp))], resp, pad, dev)  # (B, T)
+        unwrap(policy).train()
+        ps = [prompts[i // args.rl_k] for i in range(len(resp))]
+        with amp(amp_on, dev):
+            lp, mask = token_logprobs(policy, ps, resp, pad, dev)  # (B, T)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp, _ = token_logprobs(ref, ps, resp, pad, dev)
         w = torch.zeros_like(lp)
         for i, x in enumerate(weights):
             w[i, : len(x)] = torch.tensor(x, device=dev)
-        loss = (-(w * lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # REINFORCE with RLOO, token-mean
+        loss = seq_reduce(-w * lp, mask, args.rl_loss, args.max_new_tokens)  # Eq. 5: REINFORCE, RLOO baselines
+        if ref is not None:
+            kl = seq_reduce(kl_k3(lp, ref_lp), mask, args.rl_loss, args.max_new_tokens)
+            loss, m["train/kl"] = loss + args.kl * kl, kl.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
-        m.update({"train/reward": float(np.mean(reward)), "train/loss": loss.item()})
+        gen.update_weights(unwrap(policy))  # FSDP: the HF copy (a no-op when HF samples with the module)
+        r = all_reduce(torch.tensor([sum(reward), len(reward)], dtype=torch.float64, device=dev), torch.distributed.ReduceOp.SUM, dist)
+        m.update({"train/reward": float(r[0] / r[1]), "train/loss": loss.item()})
         log.log(step + 1, samples=samples, **m)
         bar.set_postfix(reward=f"{m['train/reward']:.3f}")
     res = {"curve": curve, "final_acc": curve[-1][1], "samples": samples, "seed": seed, "k": k, "config": cfg}
-    write_json(out / "curve.json", res)
+    if mc is not None:
+        led = [d for d in gather_lists(dist, [mc.ledger])]
+        res["mc_rollouts"], res["mc_rollout_tokens"] = sum(d["samples"] for d in led), sum(d["tokens"] for d in led)
+    if dist.main:
+        write_json(out / "curve.json", res)
+    barrier(dist)
     return res
 
 
@@ -494,12 +727,14 @@ def _token_steps(n: int, ends: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def _eval(gen, tok, test: list[dict], args: Args, seed: int) -> float:
-    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in test]
+def _eval(gen, tok, test: list[dict], args: Args, seed: int, dist) -> float:
+    """Per-sample accuracy at the temperature on the test problems (each rank every world-th, gathered)."""
+    mine = rank_share(test, dist)
+    prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in mine]
     gen.model.eval()
     outs = gen.sample(prompts, n=args.rl_eval_samples, temperature=args.temperature, max_tokens=args.max_new_tokens,
-                      seed=10007 + seed, logprobs=False)
-    return float(np.mean([grade(o.text, str(p["answer"])) for p, os_ in zip(test, outs) for o in os_]))
+                      seed=10007 + seed + 7919 * dist.rank, logprobs=False) if prompts else []
+    return float(np.mean(gather_lists(dist, [grade(o.text, str(p["answer"])) for p, os_ in zip(mine, outs) for o in os_])))
 
 
 def mean_curve(curves: list[list]) -> list[tuple[int, float]]:
@@ -510,6 +745,7 @@ def mean_curve(curves: list[list]) -> list[tuple[int, float]]:
 # ----------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
     t0 = time.time()
+    dist = setup_dist()
     seed_all(args.seed)
     out = Path(args.out_dir)
     if not args.model:
@@ -518,33 +754,43 @@ def main(args: Args) -> dict:
         args.model = str(tdir / "policy")
         args.data, args.eval_data = args.data or str(tdir / "train.jsonl"), args.eval_data or str(tdir / "test.jsonl")
     ks = sorted({int(x) for x in args.ks.split(",")} | {args.prover_k})
-    stages = set(args.stages.split(","))
+    stages, values = set(args.stages.split(",")), set(filter(None, args.values.split(",")))
     if stages - {"data", "train", "search", "rl", "sweep"}:
         raise ValueError(f"--stages {args.stages!r}: a comma list of data, train, search, rl, sweep")
+    if values - {"learned", "mc"}:
+        raise ValueError(f"--values {args.values!r}: a comma list of learned, mc")
     if args.mc_rollouts < max(ks):
         raise ValueError(f"--mc_rollouts {args.mc_rollouts} < the largest K {max(ks)}: pass@K needs n_mc >= K rollouts per prefix")
+    if "mc" in values and args.value_rollouts < args.prover_k:
+        raise ValueError(f"--value_rollouts {args.value_rollouts} < --prover_k {args.prover_k}: pass@K needs m >= K")
     if not (args.beam_width >= 1 and args.rl_k >= 2 and args.rl_eval_every >= 1):
         raise ValueError("--beam_width >= 1, --rl_k >= 2 and --rl_eval_every >= 1 are needed")
+    if args.rl_baseline not in ("loo", "none") or args.rl_loss not in ("sum", "token_mean") or args.shard not in ("ddp", "fsdp"):
+        raise ValueError("--rl_baseline loo|none, --rl_loss sum|token_mean, --shard ddp|fsdp")
     if not args.eval_data:
         raise ValueError("--eval_data: test problems JSONL {problem, answer} (search and RL evaluation)")
     problems = load_problems(args.data)
-    write_json(out / "config.json", asdict(args))
+    if dist.main:
+        write_json(out / "config.json", asdict(args))
     test = load_problems(args.eval_data, args.n_eval_problems or None)
     data_probs, rl_probs = problems[: args.n_problems or len(problems)], problems[args.n_problems or 0:] or problems
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = dist.device
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    gen = load_backend(args.model, backend=args.backend)
+    gen = load_backend(args.model, backend=args.backend, **({"device": dev} if args.backend == "hf" else {}))
     tok = gen.tokenizer
     meta = {"kind": "pav", "chat": args.chat, "step_tag": SEP, "prover_k": args.prover_k, "alpha": args.alpha}
+    save = lambda: write_json(out / "results.json", res) if dist.main else None  # noqa: E731
 
     # 1. data: seed rollouts and Monte-Carlo values of every prefix
     if "data" in stages:
         t = time.time()
-        st = collect(gen, tok, data_probs, args, out)
+        st = collect(gen, tok, data_probs, args, out, dist)
         if st["samples"]:
             res["data"] = {"policy_samples": st["samples"], "generated_tokens": st["tokens"], "generate_calls": st["calls"],
                            "seconds": time.time() - t, "n_cov": args.n_cov, "n_mc": args.mc_rollouts}
-            print(f"data: {st['samples']} policy samples ({st['tokens']} tokens, {st['calls']} generate calls)", flush=True)
+            if dist.main:
+                print(f"data: {st['samples']} policy samples ({st['tokens']} tokens, {st['calls']} generate calls)", flush=True)
+    barrier(dist)
     if not (out / "data.jsonl").exists():
         raise FileNotFoundError(f"{out / 'data.jsonl'}: no PAV data (run the data stage)")
     rows = data_rows(read_jsonl(out / "data.jsonl", required=("problem", "steps", "c", "m", "outcome")), ks)
@@ -553,56 +799,71 @@ def main(args: Args) -> dict:
     # 2. the PAV (q_pi and q_mu@K heads) and the ORM (every complete rollout's outcome)
     heads, t = ["q_pi"] + [f"q_mu@{k}" for k in ks], time.time()
     if "train" in stages and not (out / "pav" / "verifier.json").exists():
-        res["pav_train"] = train_values(args.model, rows, heads, args, out / "pav", meta, dev, "PAV training")
+        res["pav_train"] = train_values(args.model, rows, heads, args, out / "pav", meta, dist, "PAV training")
     if "train" in stages and not (out / "orm" / "verifier.json").exists():
         rs = orm_rows(out)
         rs = random.Random(args.seed).sample(rs, min(len(rs), args.orm_rows)) if args.orm_rows else rs
         res["orm_train"] = train_values(args.model, rs, ["q_pi"], replace(args, epochs=args.orm_epochs),
-                                        out / "orm", meta | {"objective": "orm"}, dev, "ORM training")
+                                        out / "orm", meta | {"objective": "orm"}, dist, "ORM training")
         res["seconds/train"] = time.time() - t
-    write_json(out / "results.json", res)
+    save()
 
-    # 3. search: PAV beam vs Q^pi beam vs ORM best-of-N, tokens per problem
+    # 3. search: PAV beam (learned and MC values) vs Q^pi beam vs ORM best-of-N, tokens per problem
     scfg = {k: getattr(args, k) for k in ("alpha", "prover_k", "ns", "search_ns", "beam_width", "max_depth", "n_eval_problems",
-                                          "temperature", "seed")}
+                                          "temperature", "seed", "values", "value_rollouts", "mc_search_ns")}
+    load = lambda d, **kw: PAVVerifier(ValueHeadLM.load(out / d).to(dev), tok,  # noqa: E731
+                                       json.loads((out / d / "verifier.json").read_text()), **kw)
     if "search" in stages and res.get("search_config") != scfg:  # done with these settings: kept
-        pav, orm = (PAVVerifier(ValueHeadLM.load(out / d).to(dev), tok, json.loads((out / d / "verifier.json").read_text()),
-                                alpha=args.alpha, prover_k=args.prover_k) for d in ("pav", "orm"))
+        pav, orm = load("pav", alpha=args.alpha, prover_k=args.prover_k), load("orm")
         t = time.time()
-        res.update(run_search(gen, tok, test, pav, orm, args))
+        res = {k: v for k, v in res.items() if not k.startswith(("mc_", "tokens/mc_", "pav_vs", "pav_reaches"))}
+        res.update(run_search(gen, tok, test, pav, orm, args, dist, values))
         res["search_config"], res["seconds/search"] = scfg, time.time() - t
-        write_json(out / "results.json", res)
-    pav = PAVVerifier(ValueHeadLM.load(out / "pav").to(dev), tok, json.loads((out / "pav" / "verifier.json").read_text())) \
-        if (out / "pav" / "verifier.json").exists() else None
-    del gen
+        save()
+    pav = load("pav") if (out / "pav" / "verifier.json").exists() else None
 
-    # 4. RL: PAV-RL (K = prover_k) vs outcome-only, every seed; 5. the K sweep's RL (first seed)
+    # 4. RL: PAV-RL (K = prover_k; learned and MC values) vs outcome-only, every seed; 5. the K sweep
     seeds = [int(s) for s in args.seeds.split(",")]
     runs, t = {}, time.time()
     if "rl" in stages:
         for s in seeds:
-            runs["outcome", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"outcome_seed{s}", None, None)
-            runs["pav", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"pav{args.prover_k}_seed{s}", pav,
-                                    args.prover_k)
-        oc, pc = mean_curve([runs["outcome", s]["curve"] for s in seeds]), mean_curve([runs["pav", s]["curve"] for s in seeds])
-        need = samples_to_reach(pc[1:], oc[-1][1]) if oc[-1][1] > oc[0][1] else None  # None: no gain to match
-        res["rl"] = {"outcome_curve": oc, "pav_curve": pc, "samples_per_run": oc[-1][0],
-                     "pav_samples_to_outcome_final": need,
-                     "outcome_final_seeds": [runs["outcome", s]["final_acc"] for s in seeds],
-                     "pav_final_seeds": [runs["pav", s]["final_acc"] for s in seeds],
-                     "init_acc": oc[0][1]}
-        res["rl/outcome_final_acc"], res["rl/pav_final_acc"] = oc[-1][1], pc[-1][1]
-        res["rl/sample_efficiency_ratio"] = oc[-1][0] / need if need else None  # None: never reached
-        res["rl/pav_minus_outcome"] = list(paired_interval(res["rl"]["pav_final_seeds"], res["rl"]["outcome_final_seeds"]))
+            runs["outcome", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"outcome_seed{s}", None, None, dist)
+            if "learned" in values:
+                runs["pav", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"pav{args.prover_k}_seed{s}", pav,
+                                        args.prover_k, dist)
+            if "mc" in values:
+                runs["mc", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"mc{args.prover_k}_seed{s}", "mc",
+                                       args.prover_k, dist, gen_base=gen)
+        oc = mean_curve([runs["outcome", s]["curve"] for s in seeds])
+        res["rl"] = {"outcome_curve": oc, "samples_per_run": oc[-1][0], "init_acc": oc[0][1],
+                     "outcome_final_seeds": [runs["outcome", s]["final_acc"] for s in seeds]}
+        res["rl/outcome_final_acc"] = oc[-1][1]
+        for kind, pre in (("pav", "rl"), ("mc", "rl_mc")):
+            if (kind, seeds[0]) not in runs:
+                continue
+            c = mean_curve([runs[kind, s]["curve"] for s in seeds])
+            need = samples_to_reach(c[1:], oc[-1][1]) if oc[-1][1] > oc[0][1] else None  # None: no gain to match
+            finals = [runs[kind, s]["final_acc"] for s in seeds]
+            res["rl"] |= {f"{kind}_curve": c, f"{kind}_samples_to_outcome_final": need, f"{kind}_final_seeds": finals}
+            res[f"{pre}/{'pav_' if kind == 'pav' else ''}final_acc"] = c[-1][1]
+            res[f"{pre}/sample_efficiency_ratio"] = oc[-1][0] / need if need else None  # None: never reached
+            res[f"{pre}/{'pav' if kind == 'pav' else 'mc'}_minus_outcome"] = list(
+                paired_interval(finals, res["rl"]["outcome_final_seeds"]))
+            if kind == "mc":
+                res["rl_mc/mc_rollouts_per_run"] = float(np.mean([runs[kind, s]["mc_rollouts"] for s in seeds]))
+                res["rl_mc/mc_rollout_tokens_per_run"] = float(np.mean([runs[kind, s]["mc_rollout_tokens"] for s in seeds]))
     if "sweep" in stages:
-        res["k_sweep"] = k_sweep(rows, ks, args, runs, rl_probs, test, out, pav, seeds[0])
+        res["k_sweep"] = k_sweep(gen, tok, rows, ks, args, runs, rl_probs, test, out, pav, seeds[0], dist)
     if {"rl", "sweep"} & stages:
         res["seconds/rl_and_sweep"] = time.time() - t  # runs reused from disk take no time
     res["wall_s"] = res.get("wall_s", 0.0) + time.time() - t0
-    write_json(out / "results.json", res)
+    save()
     md = report(res, args)
-    (out / "results.md").write_text(md)
-    print(md)
+    if dist.main:
+        (out / "results.md").write_text(md)
+        print(md)
+    if dist.on:
+        torch.distributed.destroy_process_group()
     return res
 
 
@@ -614,63 +875,129 @@ def orm_rows(out: Path) -> list[dict]:
             for r, st in rows]
 
 
-def k_sweep(rows: list[dict], ks: list[int], args: Args, runs: dict, rl_probs, test, out: Path, pav, seed: int) -> list:
-    """Per K: distinguishability and alignment from the MC values of pi's own steps, and the RL gain of
-    PAV-RL with the q_mu@K head over outcome-only RL (first seed; K = prover_k: the mean over seeds)."""
+def state_actions(gen, tok, rows: list[dict], ks: list[int], args: Args, dist) -> tuple[dict[int, list], int]:
+    """Per K, (A^mu@K, A^pi) of beam_width actions (one step of pi) at each of up to sweep_states states of
+    pi (prefixes of the seed rollouts, drawn at random); Q(s) from the data's c, Q(s + a) from mc_rollouts
+    fresh rollouts (a finished action: its outcome). Each rank values every world-th state."""
+    rng = random.Random(args.seed)
+    states = [(r, h) for r in rows for h in range(len(r["c"]))]
+    states = rank_share(rng.sample(states, min(args.sweep_states, len(states))), dist)
+    mc = MCValues(gen, tok, args.mc_rollouts, ks, args, seed=args.seed + 97 + dist.rank)
+    prompts = [tok.encode(build_prompt(r["problem"], tok, args.chat), add_special_tokens=False) for r, _ in states]
+    ids = [p + (tok.encode(SEP.join(r["steps"][:h]) + SEP, add_special_tokens=False) if h else [])  # deviation 6
+           for p, (r, h) in zip(prompts, states)]
+    acts = gen.step(ids, n=args.beam_width, temperature=args.temperature, max_tokens=args.max_new_tokens,
+                    seed=args.seed * 13 + dist.rank, logprobs=False) if ids else []
+    todo = [(j, ids[j] + list(a.token_ids), a) for j, os_ in enumerate(acts) for a in os_]
+    open_ = [(j, x) for j, x, a in todo if not (a.finish in ("eos", "length", "too_long") or "boxed" in a.text)]
+    v = iter(mc.values([x for _, x in open_], [len(prompts[j]) for j, _ in open_],
+                       [states[j][0]["answer"] for j, _ in open_]))
+    opened = {id(x) for _, x in open_}
+    out = {k: [([], []) for _ in states] for k in ks}
+    for j, x, a in todo:
+        r, h = states[j]
+        if id(x) in opened:
+            q = next(v)
+        else:
+            y = float(grade(tok.decode(x[len(prompts[j]):], skip_special_tokens=True), r["answer"]))
+            q = {"q_pi": y} | {f"q_mu@{k}": y for k in ks}
+        q0 = prefix_targets(r["c"], r["m"], r["outcome"], ks)
+        for k in ks:
+            out[k][j][0].append(q[f"q_mu@{k}"] - q0[f"q_mu@{k}"][h])
+            out[k][j][1].append(q["q_pi"] - q0["q_pi"][h])
+    return {k: gather_lists(dist, out[k]) for k in ks}, sum(d["samples"] for d in gather_lists(dist, [mc.ledger]))
+
+
+def k_sweep(gen, tok, rows: list[dict], ks: list[int], args: Args, runs: dict, rl_probs, test, out: Path, pav, seed: int,
+            dist) -> list:
+    """Per K: distinguishability and alignment pooled over the MC values of pi's own steps and per state
+    (Theorem 3.1: Var_a A^mu(s, a) and E_a[A^mu A^pi] at each state, averaged over states), and the RL gain
+    of PAV-RL with the q_mu@K head over outcome-only RL (first seed; K = prover_k: the mean over seeds)."""
     table = []
     a_pi = [a for r in rows for a in progress(r["targets"]["q_pi"])]
+    st, n_samples = state_actions(gen, tok, rows, ks, args, dist) if args.sweep_states else ({}, 0)
     for k in ks:
         a_mu = [a for r in rows for a in progress(r["targets"][f"q_mu@{k}"])]
         row = {"K": k, "distinguishability": distinguishability(a_mu), "alignment": alignment(a_mu, a_pi)}
-        if ("outcome", seed) in runs:
-            if k == args.prover_k:
+        if k in st:
+            d, al = per_state(st[k])
+            row |= {"distinguishability_per_state": d, "alignment_per_state": al,
+                    "states": sum(1 for m, _ in st[k] if m), "state_rollouts": n_samples}
+        if ("outcome", seed) in runs and pav is not None:
+            if k == args.prover_k and ("pav", seed) in runs:
                 row["rl_gain"] = float(np.mean([runs["pav", s]["final_acc"] - runs["outcome", s]["final_acc"]
                                                 for s in {s for _, s in runs}]))
-            else:
-                r = rl_run(args.model, rl_probs, test, args, seed, out / "rl" / f"pav{k}_seed{seed}", pav, k)
+            elif k != args.prover_k and args.sweep_rl:
+                r = rl_run(args.model, rl_probs, test, args, seed, out / "rl" / f"pav{k}_seed{seed}", pav, k, dist)
                 row["rl_gain"] = r["final_acc"] - runs["outcome", seed]["final_acc"]
         table.append(row)
     return table
 
 
+def _iv(x) -> str:
+    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in x))
+
+
 def report(res: dict, args: Args) -> str:
-    md = ""
-    s = res
+    md, s = "", res
     if "search_config" in res:
-        ns, bns = sorted(int(x) for x in args.ns.split(",")), sorted(int(x) for x in args.search_ns.split(","))
+        ns = sorted({int(x) for x in args.ns.split(",")} | {int(x) for x in args.search_ns.split(",")} |
+                    {int(x) for x in args.mc_search_ns.split(",")})
         md += "search: accuracy % (generated tokens per problem)\n\n| method | " + " | ".join(f"N={n}" for n in ns) + \
               " |\n|---|" + "---|" * len(ns) + "\n"
-        for name in ("pav_beam", "qpi_beam", "orm_bon", "maj", "pass"):
-            md += f"| {name} | " + " | ".join(f"{100 * s[f'{name}@{n}']:.1f} ({s[f'tokens/{name}@{n}']:.0f})"
-                                              if f"{name}@{n}" in s else "-" for n in ns) + " |\n"
-        md += "\nPAV beam minus ORM best-of-N at the nearest token count, points [95% paired interval]\n\n"
-        for n in bns:
-            v = s[f"pav_vs_orm@{n}"]
-            md += (f"- N={n}: vs orm_bon@{v['orm_n']} ({v['tokens_pav']:.0f} vs {v['tokens_orm']:.0f} tokens): "
-                   "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * x for x in v["diff"])) +
-                   "; vs qpi_beam: {:+.1f} [{:+.1f}, {:+.1f}]\n".format(*(100 * x for x in s[f"pav_vs_qpi@{n}"])))
+        for name in ("pav_beam", "mc_beam", "qpi_beam", "orm_bon", "maj", "pass"):
+            if any(f"{name}@{n}" in s for n in ns):
+                md += f"| {name} | " + " | ".join(f"{100 * s[f'{name}@{n}']:.1f} ({s[f'tokens/{name}@{n}']:.0f})"
+                                                  if f"{name}@{n}" in s else "-" for n in ns) + " |\n"
+        if any(f"tokens/mc_rollouts@{n}" in s for n in ns):
+            md += "\nmc_beam's value rollouts (base policy, not counted above), tokens per problem: " + ", ".join(
+                f"N={n} {s[f'tokens/mc_rollouts@{n}']:.0f}" for n in ns if f"tokens/mc_rollouts@{n}" in s) + "\n"
+        md += "\nbeam minus ORM best-of-N at the nearest token count, points [95% paired interval]\n\n"
+        for pre in ("pav", "mc"):
+            for n in ns:
+                v = s.get(f"{pre}_vs_orm@{n}")
+                if v:
+                    md += (f"- {pre}_beam@{n} vs orm_bon@{v['orm_n']} ({v[f'tokens_{pre}']:.0f} vs {v['tokens_orm']:.0f} "
+                           f"tokens): {_iv(v['diff'])}" + (f"; vs qpi_beam: {_iv(s[f'pav_vs_qpi@{n}'])}" if f"pav_vs_qpi@{n}" in s
+                                                         else "") +
+                           (f"; vs pass@{s[f'mc_vs_pass@{n}']['pass_n']} (both pick exactly): {_iv(s[f'mc_vs_pass@{n}']['diff'])}"
+                            if f"mc_vs_pass@{n}" in s else "") + "\n")
         md += ("\nright vs wrong samples (AUC): ORM {:.3f}, PAV Q^pi last step {:.3f}, PAV lowest Q^pi {:.3f}\n"
                .format(s["auc/orm_last"], s["auc/pav_qpi_last"], s["auc/pav_qpi_min"]))
-        eff = s["pav_compute_efficiency"]
-        md += (f"\nORM's best: {100 * s['orm_best']['acc']:.1f}% at N={s['orm_best']['n']} ({s['orm_best']['tokens']:.0f} "
-               f"tokens); " + (f"the PAV beam first reaches it at N={s['pav_reaches_orm_best_at']}: ORM tokens / PAV "
-                               f"tokens = {eff:.2f}\n" if eff else "the PAV beam reaches it at no budget run\n"))
+        md += f"\nORM's best: {100 * s['orm_best']['acc']:.1f}% at N={s['orm_best']['n']} ({s['orm_best']['tokens']:.0f} tokens)"
+        for pre in ("pav", "mc"):
+            if f"{pre}_compute_efficiency" in s:
+                eff = s[f"{pre}_compute_efficiency"]
+                md += (f"; the {pre} beam first reaches it at N={s[f'{pre}_reaches_orm_best_at']}: ORM tokens / beam tokens "
+                       f"= {eff:.2f}" if eff else f"; the {pre} beam reaches it at no budget run")
+        md += "\n"
     r = res.get("rl")
     if r:
-        md += ("\nRL: test per-sample accuracy % (mean over seeds) by policy samples\n\n| samples | outcome-only | PAV-RL |\n"
-               "|---|---|---|\n" + "".join(f"| {a[0]} | {100 * a[1]:.1f} | {100 * b[1]:.1f} |\n"
-                                           for a, b in zip(r["outcome_curve"], r["pav_curve"])))
-        ratio = res["rl/sample_efficiency_ratio"]
-        md += (f"\nfinal: outcome-only {100 * res['rl/outcome_final_acc']:.1f}, PAV-RL {100 * res['rl/pav_final_acc']:.1f} "
-               "(PAV - outcome over seeds: {:+.1f} [{:+.1f}, {:+.1f}]); ".format(*(100 * x for x in res["rl/pav_minus_outcome"])) +
-               (f"PAV-RL reaches outcome-only's final accuracy at {r['pav_samples_to_outcome_final']} samples: "
-                f"{ratio:.2f}x" if ratio else "PAV-RL does not reach outcome-only's final accuracy") + "\n")
+        cols = [("outcome-only", "outcome_curve")] + [(n, f"{k}_curve") for n, k in (("PAV-RL", "pav"), ("PAV-RL (mc)", "mc"))
+                                                      if f"{k}_curve" in r]
+        md += ("\nRL: test per-sample accuracy % (mean over seeds) by policy samples\n\n| samples | " +
+               " | ".join(n for n, _ in cols) + " |\n|---|" + "---|" * len(cols) + "\n")
+        md += "".join(f"| {pts[0][0]} | " + " | ".join(f"{100 * p[1]:.1f}" for p in pts) + " |\n"
+                      for pts in zip(*(r[c] for _, c in cols)))
+        md += f"\nfinal: outcome-only {100 * res['rl/outcome_final_acc']:.1f}\n"
+        for name, kind, pre, key in (("PAV-RL", "pav", "rl", "pav"), ("PAV-RL (mc)", "mc", "rl_mc", "mc")):
+            if f"{kind}_curve" in r:
+                ratio = res[f"{pre}/sample_efficiency_ratio"]
+                md += (f"- {name}: {100 * r[f'{kind}_curve'][-1][1]:.1f} (minus outcome over seeds: "
+                       f"{_iv(res[f'{pre}/{key}_minus_outcome'])}); " +
+                       (f"reaches outcome-only's final accuracy at {r[f'{kind}_samples_to_outcome_final']} samples: "
+                        f"{ratio:.2f}x" if ratio else "does not reach outcome-only's final accuracy") + "\n")
+        if "rl_mc/mc_rollouts_per_run" in res:
+            md += (f"- the mc runs' value rollouts (base policy, apart from the {r['samples_per_run']} policy samples): "
+                   f"{res['rl_mc/mc_rollouts_per_run']:.0f} samples, {res['rl_mc/mc_rollout_tokens_per_run']:.0f} tokens per run\n")
     if res.get("k_sweep"):
-        md += "\nK sweep (MC values of pi's steps; RL gain = PAV-RL - outcome-only, final per-sample accuracy)\n\n" \
-              "| K | distinguishability Var(A^mu) | alignment corr(A^mu, A^pi) | RL gain (points) |\n|---|---|---|---|\n"
+        md += ("\nK sweep: pooled over pi's steps (MC values) and per state (actions sampled at pi's states); RL gain = "
+               "PAV-RL - outcome-only, final per-sample accuracy\n\n| K | Var(A^mu) pooled | corr(A^mu, A^pi) pooled | "
+               "E_s Var_a A^mu | E_s E_a[A^mu A^pi] | RL gain (points) |\n|---|---|---|---|---|---|\n")
         for row in res["k_sweep"]:
             g = row.get("rl_gain")
             md += (f"| {row['K']} | {row['distinguishability']:.4f} | {row['alignment']:.3f} | "
+                   f"{row.get('distinguishability_per_state', float('nan')):.4f} | {row.get('alignment_per_state', float('nan')):.4f} | "
                    f"{'-' if g is None else f'{100 * g:+.1f}'} |\n")
     return md
 

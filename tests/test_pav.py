@@ -48,6 +48,98 @@ def test_rloo_and_step_weights_by_hand():
     assert pav._token_steps(5, [2, 5]) == [0, 0, 1, 1, 1]
 
 
+def test_last_step_uses_the_outcome():
+    # prover values of prefixes 0, 1 (H = 2); Q^mu_H is the outcome, not the PAV's prediction
+    assert pav.process_terms([0.4, 0.7], 1.0) == pytest.approx([0.3, 0.3])
+    assert pav.process_terms([0.4, 0.7], 0.0) == pytest.approx([0.3, -0.7])
+    assert pav.process_terms([0.5], 0.0) == pytest.approx([-0.5])  # a one-step solution
+
+
+def test_loo_step_baseline_by_hand():
+    # one prompt, k = 3: sample 0 has steps (a, b), sample 1 (c), sample 2 (d, e, f)
+    a = [[0.2, -0.4], [0.6], [0.1, 0.3, -0.2]]
+    out = pav.loo_step_baseline(a, 3)
+    assert out[0] == pytest.approx([0.2 - (0.6 + 0.1) / 2, -0.4 - 0.3])  # step 1: only sample 2 has one
+    assert out[1] == pytest.approx([0.6 - (0.2 + 0.1) / 2])
+    # step 2 of sample 2: no other sample has a step 2, so the mean of all their steps
+    assert out[2] == pytest.approx([0.1 - 0.4, 0.3 - (-0.4), -0.2 - (0.2 - 0.4 + 0.6) / 3])
+    c = 0.24  # a constant added to every step cancels exactly
+    shifted = pav.loo_step_baseline([[x + c for x in r] for r in a], 3)
+    assert all(s == pytest.approx(o) for s, o in zip(shifted, out))
+    assert pav.loo_step_baseline([[0.5], [0.5]], 2) == [[0.0], [0.0]]
+
+
+def _expected_grad(weight_of, kind):
+    """The exact expected gradient of a one-parameter policy: the first token picks a 2-token sequence
+    (prob sigmoid(theta)) or a 4-token one; the other tokens are certain. weight_of(T) gives its tokens' weight."""
+    theta = torch.tensor(0.3, requires_grad=True)
+    p = torch.sigmoid(theta)
+    total = 0.0
+    for prob, T in ((p, 2), (1 - p, 4)):
+        lp = torch.zeros(1, 4)
+        lp[0, 0] = torch.log(prob)
+        mask = torch.tensor([[1.0] * T + [0.0] * (4 - T)])
+        w = torch.full((1, 4), weight_of(T))
+        total = total + prob.detach() * pav.seq_reduce(-w * lp, mask, kind, 4.0)
+    total.backward()
+    return theta.grad.item()
+
+
+def test_process_baseline_has_zero_expected_gradient():
+    c = 0.24
+    # a constant on every token: no gradient under the sequence-sum loss (Eq. 5), a lean under the token mean
+    assert _expected_grad(lambda T: c, "sum") == pytest.approx(0.0, abs=1e-7)
+    p = torch.sigmoid(torch.tensor(0.3)).item()
+    lean = -c * p * (1 - p) * (1 / 2 - 1 / 4)  # d/dtheta of -c (p/2 + (1-p)/4): toward the short sequence
+    assert _expected_grad(lambda T: c, "token_mean") == pytest.approx(lean) and lean < 0
+    # the old batch-mean centring: two samples' A^mu of 2 and 4 steps all equal to c, minus their mean
+    # (c), is zero; but A^mu = 0 everywhere minus a batch mean m leaves -m on every token of both: biased
+    # unless the loss is a sum. The leave-one-out baseline removes the constant whatever the loss.
+    a = [[c, c], [c, c, c, c]]
+    assert pav.loo_step_baseline(a, 2) == [[0.0, 0.0], [0.0] * 4]
+    w = [pav.step_weights(list(range(len(x))), 0.0, b, 3.0) for x, b in zip(a, pav.loo_step_baseline(a, 2))]
+    assert w == [[0.0, 0.0], [0.0] * 4]
+
+
+def test_kl_k3_and_seq_reduce_by_hand():
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    assert pav.kl_k3(lp, ref)[0].tolist() == pytest.approx([math.exp(-0.5) + 0.5 - 1, 0.0])
+    x, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert pav.seq_reduce(x, mask, "sum", 10.0).item() == pytest.approx((3 / 10 + 15 / 10) / 2)
+    assert pav.seq_reduce(x, mask, "token_mean", 10.0).item() == pytest.approx((3 / 2 + 15 / 3) / 2)
+
+
+def test_per_state_diagnostics_by_hand():
+    states = [([0.5, -0.5], [0.2, -0.2]), ([0.1, 0.1, 0.1], [0.0, 0.3, -0.3]), ([], [])]
+    d, a = pav.per_state(states)
+    assert d == pytest.approx((0.25 + 0.0) / 2)  # the empty state is left out
+    assert a == pytest.approx(((0.1 + 0.1) / 2 + (0.0 + 0.03 - 0.03) / 3) / 2)
+
+
+class _Gen:
+    """A generator stub: every rollout of prefix ids ending in 7 is right ("\\boxed{1}"), else wrong."""
+    def sample(self, prompts, n, **kw):
+        from utils.generation import Sample
+        return [[Sample([5], "\\boxed{1}" if p[-1] == 7 else "\\boxed{2}", None, "eos") for _ in range(n)] for p in prompts]
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def test_mc_values_estimate_and_cache():
+    args = pav.Args(max_new_tokens=8)
+    mc = pav.MCValues(_Gen(), _Tok(), 4, [1, 4, 8], args)
+    assert mc.ks == [1, 4]  # K > m cannot be estimated
+    v = mc.values([[1, 7], [1, 3], [1, 7]], [1, 1, 1], ["1", "1", "1"])
+    assert v[0] == {"q_pi": 1.0, "q_mu@1": 1.0, "q_mu@4": 1.0} and v[1]["q_pi"] == 0.0 and v[1]["q_mu@4"] == 0.0
+    assert mc.ledger["samples"] == 8  # two distinct prefixes x 4 rollouts
+    mc.values([[1, 7]], [1], ["1"])
+    assert mc.ledger["samples"] == 8  # cached
+    assert mc.heads(1) == pytest.approx({"q_pi": 0.25, "q_mu@1": 0.25, "q_mu@4": 1.0})
+
+
 def test_diagnostics_and_samples_to_reach():
     assert pav.distinguishability([1.0, -1.0]) == pytest.approx(1.0)
     assert pav.alignment([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
@@ -119,7 +211,8 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
            "--backend", "hf", "--max_new_tokens", "60", "--n_problems", "12", "--n_cov", "1", "--mc_rollouts", "4",
            "--ks", "1,2,4", "--epochs", "2", "--lr", "1e-3", "--batch_tokens", "2048", "--max_len", "512",
            "--ns", "1,2,4", "--search_ns", "4", "--max_depth", "3", "--n_eval_problems", "6", "--rl_steps", "2",
-           "--rl_prompts", "4", "--rl_eval_every", "1", "--rl_eval_samples", "2", "--rl_lr", "1e-3", "--seeds", "0,1"]
+           "--rl_prompts", "4", "--rl_eval_every", "1", "--rl_eval_samples", "2", "--rl_lr", "1e-3", "--seeds", "0,1",
+           "--value_rollouts", "4", "--mc_search_ns", "4", "--sweep_states", "6", "--kl", "0.05"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -129,8 +222,17 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
     for k in ("rl/pav_final_acc", "rl/outcome_final_acc"):
         assert 0.0 <= res[k] <= 1.0
     assert "rl/sample_efficiency_ratio" in res and len(res["rl"]["pav_final_seeds"]) == 2
+    # the Monte-Carlo control: beam and RL rows, its rollouts counted apart from the policy's
+    assert 0.0 <= s["mc_beam@4"] <= 1.0 and s["tokens/mc_beam@4"] > 0 and s["tokens/mc_rollouts@4"] > 0
+    assert "mc_vs_orm@4" in s and "mc_vs_pass@4" in s
+    assert 0.0 <= res["rl_mc/final_acc"] <= 1.0 and "rl_mc/sample_efficiency_ratio" in res
+    assert len(res["rl"]["mc_final_seeds"]) == 2 and res["rl_mc/mc_rollouts_per_run"] > 0
+    mc_log = [json.loads(x) for x in (out / "rl" / "mc4_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/kl" in x and x["train/kl"] >= 0 for x in mc_log if "train/loss" in x)
     assert [row["K"] for row in res["k_sweep"]] == [1, 2, 4]
-    assert all({"distinguishability", "alignment", "rl_gain"} <= set(row) for row in res["k_sweep"])
+    assert all({"distinguishability", "alignment", "rl_gain", "distinguishability_per_state", "alignment_per_state"}
+               <= set(row) for row in res["k_sweep"])
+    assert all(row["distinguishability_per_state"] >= 0 for row in res["k_sweep"])
     assert res["k_sweep"][0]["alignment"] == pytest.approx(1.0) or math.isnan(res["k_sweep"][0]["alignment"])
     rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(len(r["c"]) == len(r["steps"]) and r["m"] == 4 for r in rows)
@@ -147,6 +249,30 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "PAV training" not in r2.stderr and "RL outcome" not in r2.stderr
     assert json.loads((out / "results.json").read_text())["rl/pav_final_acc"] == res["rl/pav_final_acc"]
+
+
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_pav_torchrun_two_ranks(tmp_path, tiny_toy_dir, shard):
+    """2 ranks on CPU: data sharded and gathered (every problem once), PAV / ORM under DDP or FSDP2, search
+    and RL sharded; the same keys as one process."""
+    out = tmp_path / "pav"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "pav.py", "--out_dir", str(out),
+           "--model", str(tiny_toy_dir / "policy"), "--data", str(tiny_toy_dir / "train.jsonl"),
+           "--eval_data", str(tiny_toy_dir / "test.jsonl"), "--backend", "hf", "--max_new_tokens", "60",
+           "--n_problems", "10", "--n_cov", "1", "--mc_rollouts", "4", "--ks", "1,4", "--epochs", "1", "--lr", "1e-3",
+           "--batch_tokens", "1024", "--max_len", "512", "--ns", "1,4", "--search_ns", "4", "--mc_search_ns", "4",
+           "--max_depth", "2", "--n_eval_problems", "5", "--rl_steps", "1", "--rl_prompts", "2", "--rl_eval_every", "1",
+           "--rl_eval_samples", "2", "--seeds", "0", "--value_rollouts", "4", "--sweep_states", "4", "--shard", shard]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and len({x["problem"] for x in rows}) == 10
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["policy_samples"] == 10 + 4 * res["data_prefixes"]  # both ranks' samples counted
+    for k in ("pav_beam@4", "mc_beam@4", "qpi_beam@4", "orm_bon@4", "rl/pav_final_acc", "rl_mc/final_acc"):
+        assert 0.0 <= res[k] <= 1.0, k
+    assert (out / "pav" / "value_head.safetensors").exists() and load_verifier(str(out / "pav"), device="cpu").prover_k == 4
+    assert [row["K"] for row in res["k_sweep"]] == [1, 4]
 
 
 def test_auc_by_hand():
