@@ -563,7 +563,7 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
                 tot[f"mc_rollouts@{n}"] = mcs[n].ledger["tokens"]
                 tot[f"mc_rollout_samples@{n}"] = mcs[n].ledger["samples"]
             if dist.main:
-                print(f"{name}@{n}: {100 * np.mean(per[f'{name}@{n}']):.1f}% (rank 0's problems)  "
+                print(f"{name}@{n}: {100 * np.mean(per[f'{name}@{n}']):.1f}%{' (rank 0 share)' if dist.on else ''}  "
                       f"{ledger['tokens'] / max(1, len(test)):.0f} tok/problem ({time.time() - t:.0f}s)", flush=True)
     # every rank's problems, in order
     per = {k: gather_in_order(v, len(test_all), dist) for k, v in sorted(per.items())}
