@@ -561,7 +561,7 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
             tot[f"{name}@{n}"] = ledger["tokens"]
             if name == "mc_beam":
                 tot[f"mc_rollouts@{n}"] = mcs[n].ledger["tokens"]
-                tot[f"mc_rollout_samples@{n}"] = mcs[n].ledger["samples"]
+                tot[f"mc_rollout_samples@{n}"] = mcs[n].ledger["samples"]  # a count of samples, not tokens
             if dist.main:
                 print(f"{name}@{n}: {100 * np.mean(per[f'{name}@{n}']):.1f}%{' (rank 0 share)' if dist.on else ''}  "
                       f"{ledger['tokens'] / max(1, len(test)):.0f} tok/problem ({time.time() - t:.0f}s)", flush=True)
@@ -570,7 +570,7 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
     tot = {k: sum(d[k] for d in gather_lists(dist, [tot])) for k in tot}
     scored = gather_lists(dist, scored)
     res = {k: float(np.mean(v)) for k, v in per.items()}
-    res.update({f"tokens/{k}": v / len(test_all) for k, v in tot.items()})
+    res.update({(k if k.startswith("mc_rollout_samples") else f"tokens/{k}"): v / len(test_all) for k, v in tot.items()})
     for name in ("orm_last", "pav_qpi_last", "pav_qpi_min"):
         res[f"auc/{name}"] = auc([s for k, s, _ in scored if k == name], [t for k, _, t in scored if k == name])
 
