@@ -40,6 +40,22 @@ def test_sampled_logprobs_match_score(backend):
         assert max(abs(x - y) for x, y in zip(s.logprobs, lp)) < 1e-3
 
 
+def test_hf_rows_finishing_at_different_steps(hf_backend):
+    """Rows that finish are cut from the batch and its KV cache in groups: every sample's logprobs still
+    equal teacher forcing, and a row's samples do not depend on which other rows share its batch."""
+    stop = list("abcdefghijklmnop")  # most rows stop early, each at its own step
+    prompts = _enc(hf_backend)
+    out = hf_backend.sample(prompts, n=8, temperature=1.0, max_tokens=48, stop=stop, seed=3)
+    flat = [s for row in out for s in row]
+    assert len({len(s.token_ids) for s in flat}) >= 6 and {s.finish for s in flat} >= {"stop", "length"}
+    scored = hf_backend.score([p for p, row in zip(prompts, out) for _ in row], [s.token_ids for s in flat])
+    for s, lp in zip(flat, scored):
+        assert max(abs(x - y) for x, y in zip(s.logprobs, lp)) < 1e-3
+    alone = [hf_backend.sample([p], n=1, temperature=0.0, max_tokens=48, stop=stop)[0][0] for p in prompts]
+    together = hf_backend.sample(prompts, n=1, temperature=0.0, max_tokens=48, stop=stop)
+    assert [a.token_ids for a in alone] == [t[0].token_ids for t in together]
+
+
 def test_score_matches_hf_forward(backend, hf_backend):
     """Teacher forcing by either backend equals a plain HF forward pass."""
     p, c = backend.encode("Question: 2 + 2?\n"), backend.encode("Answer: 4")
