@@ -111,8 +111,9 @@ class Args:
                                                    "the text read here; ours: off)"})
     values: str = field(default="learned,mc", metadata={"help": "value sources of the PAV beam and PAV-RL rows: learned "
                                                               "(the PAV) and/or mc (fresh base-policy rollouts: the control)"})
-    value_rollouts: int = field(default=16, metadata={"help": "m: base-policy rollouts per prefix for --values mc, >= "
-                                                            "prover_k (the data stage's estimator)"})
+    value_rollouts: int = field(default=16, metadata={"help": "m: base-policy rollouts per prefix for --values mc in "
+                                                            "search, >= prover_k (the data stage's estimator)"})
+    rl_value_rollouts: int = field(default=0, metadata={"help": "m of --values mc in RL, >= prover_k (0: value_rollouts)"})
     mc_search_ns: str = field(default="4,8,16,32", metadata={"help": "beam budgets N searched with mc values"})
     sweep_states: int = field(default=500, metadata={"help": "K sweep: pi's states (prefixes of seed rollouts) where "
                                                            "beam_width actions are sampled and valued (0: pooled only)"})
@@ -137,7 +138,7 @@ class Args:
 # Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 35 minutes in all).
 TOY = dict(n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
            max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024,
-           value_rollouts=8, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False)
+           value_rollouts=8, rl_value_rollouts=4, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False)
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -617,7 +618,8 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     cfg = {x: getattr(args, x) for x in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
                                          "temperature", "n_eval_problems", "rl_loss", "kl")}
     cfg |= {x: getattr(args, x) for x in ("alpha_rl", "rl_baseline")} if values is not None else {}
-    cfg |= {"values": kind, "value_rollouts": args.value_rollouts} if kind == "mc" else {}
+    m_rl = args.rl_value_rollouts or args.value_rollouts
+    cfg |= {"values": kind, "value_rollouts": m_rl} if kind == "mc" else {}
     if (out / "curve.json").exists() and json.loads((out / "curve.json").read_text()).get("config") == cfg:
         return json.loads((out / "curve.json").read_text())  # a finished run with these settings
     if args.rl_prompts % dist.world:
@@ -631,7 +633,7 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
         if args.kl > 0 else None
     gen = load_backend(init, backend="hf", tokenizer=tok, device=dev) if fsdp else \
         load_backend(init, backend="hf", model=unwrap(policy), tokenizer=tok, device=dev)  # samples with the module itself
-    mc = MCValues(gen_base, tok, args.value_rollouts, [k], args, seed=seed * 31 + 1 + dist.rank) if kind == "mc" else None
+    mc = MCValues(gen_base, tok, m_rl, [k], args, seed=seed * 31 + 1 + dist.rank) if kind == "mc" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=args.rl_lr, weight_decay=0.0)
     pad, order = tok.pad_token_id or 0, random.Random(seed).sample(range(len(train)), len(train))
     log, curve, samples = MetricsLog(out, enabled=dist.main), [], 0
@@ -761,8 +763,8 @@ def main(args: Args) -> dict:
         raise ValueError(f"--values {args.values!r}: a comma list of learned, mc")
     if args.mc_rollouts < max(ks):
         raise ValueError(f"--mc_rollouts {args.mc_rollouts} < the largest K {max(ks)}: pass@K needs n_mc >= K rollouts per prefix")
-    if "mc" in values and args.value_rollouts < args.prover_k:
-        raise ValueError(f"--value_rollouts {args.value_rollouts} < --prover_k {args.prover_k}: pass@K needs m >= K")
+    if "mc" in values and min(args.value_rollouts, args.rl_value_rollouts or args.value_rollouts) < args.prover_k:
+        raise ValueError(f"--value_rollouts / --rl_value_rollouts < --prover_k {args.prover_k}: pass@K needs m >= K")
     if not (args.beam_width >= 1 and args.rl_k >= 2 and args.rl_eval_every >= 1):
         raise ValueError("--beam_width >= 1, --rl_k >= 2 and --rl_eval_every >= 1 are needed")
     if args.rl_baseline not in ("loo", "none") or args.rl_loss not in ("sum", "token_mean") or args.shard not in ("ddp", "fsdp"):
