@@ -960,10 +960,10 @@ def report(res: dict, args: Args) -> str:
                 v = s.get(f"{pre}_vs_orm@{n}")
                 if v:
                     md += (f"- {pre}_beam@{n} vs orm_bon@{v['orm_n']} ({v[f'tokens_{pre}']:.0f} vs {v['tokens_orm']:.0f} "
-                           f"tokens): {_iv(v['diff'])}" + (f"; vs qpi_beam: {_iv(s[f'pav_vs_qpi@{n}'])}" if f"pav_vs_qpi@{n}" in s
-                                                         else "") +
+                           f"tokens): {_iv(v['diff'])}" +
+                           (f"; vs qpi_beam: {_iv(s[f'pav_vs_qpi@{n}'])}" if pre == "pav" and f"pav_vs_qpi@{n}" in s else "") +
                            (f"; vs pass@{s[f'mc_vs_pass@{n}']['pass_n']} (both pick exactly): {_iv(s[f'mc_vs_pass@{n}']['diff'])}"
-                            if f"mc_vs_pass@{n}" in s else "") + "\n")
+                            if pre == "mc" and f"mc_vs_pass@{n}" in s else "") + "\n")
         md += ("\nright vs wrong samples (AUC): ORM {:.3f}, PAV Q^pi last step {:.3f}, PAV lowest Q^pi {:.3f}\n"
                .format(s["auc/orm_last"], s["auc/pav_qpi_last"], s["auc/pav_qpi_min"]))
         md += f"\nORM's best: {100 * s['orm_best']['acc']:.1f}% at N={s['orm_best']['n']} ({s['orm_best']['tokens']:.0f} tokens)"

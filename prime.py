@@ -3,9 +3,9 @@ Implicit Rewards", arXiv 2502.01456; the implicit PRM: Yuan et al., arXiv 2412.0
 code runs it.
 
 Each RL step: sample prompts, K rollouts each at T = 1, grade them 0/1; keep prompts whose mean accuracy is
-in [0.2, 0.8], sampling more until the batch is full (the surplus waits for the next step). The implicit PRM
-pi_phi and a frozen reference start as the SFT policy; a token's process reward is q_t = log pi_phi(y_t) -
-log pi_ref(y_t). The PRM is updated first on this batch with BCE(sigma(beta * sum_t q_t), outcome), and the q
+in [0.2, 0.8], sampling more until the batch is full (the surplus prompts wait for the next step, where they
+are sampled and filtered again with the fresh ones). The implicit PRM pi_phi and a frozen reference start
+as the SFT policy; a token's process reward is q_t = log pi_phi(y_t) - log pi_ref(y_t). The PRM is updated first on this batch with BCE(sigma(beta * sum_t q_t), outcome), and the q
 of that same forward are the process rewards ("single forward"). They are divided by the batch's largest
 |return-to-go|; RLOO runs separately on the outcome (last token) and on the process rewards (per token),
 returns are summed (gamma = 1) and whitened over the valid tokens; then PPO-clip on recomputed old logprobs,
@@ -14,8 +14,9 @@ one epoch of 4 mini-batches, no KL, no entropy bonus. The trained PRM is saved a
 
 Deviations (every one a code fact the paper leaves out is kept, and said where it is computed):
   1. Toy-scale hyperparameters (TOY below) replace the paper's when --model is empty.
-  2. Under torchrun each rank normalises and whitens its own shard, as the original does; --global_stats
-     uses the whole batch's statistics instead.
+  2. Under torchrun each rank normalises the process rewards of its own shard by its largest |return-to-go|,
+     as the code's PRM workers do (--global_norm: the whole batch's); the returns are whitened with the whole
+     batch's mean and variance, as the code's driver does.
   3. The micro-batch is --micro_batch sequences with a token-mean per sequence, then a mean over sequences
      (the original's 1 sequence per GPU micro-batch gives the same sequence-mean of token-means).
   4. Under torchrun, --shard fsdp (FSDP2, fully_shard per decoder layer, the default for real models) or ddp
@@ -24,11 +25,18 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
      (the original samples until it fills).
   6. Rollouts come from vLLM (a colocated engine per rank, --vllm_memory of the GPU, weights pushed after
      every update, prefix cache reset) or HF; verl's sleep/offload of the idle engine is not done.
+  7. One --gamma for both reward sources (the code has reward_model_gamma and verifier_gamma, both 1 in its
+     run script).
+The code's other reference, --ref_type policy (dp_prime.py: no reference module, so q_t = log pi_phi - the
+policy's old logprobs), holds no reference model; its saved verifier takes the final policy as reference.
 Options the code does not have, off by default: --prm_epochs (more PRM passes per batch), --prm_warmup
-(train the PRM for N steps before its rewards enter the advantages).
+(train the PRM for N steps before its rewards enter the advantages), and the toy's control --process_rewards
+oracle: the same normalisation, RLOO, returns and whitening with q_t replaced by the exact checker's token
+rewards (-1 on the last token of the first wrong step: `oracle_rewards`), which tells whether dense rewards
+can help on the toy at all, apart from how well the implicit PRM learns them.
 
     python prime.py                                                  # toy world on CPU
-    python prime.py --compare                                        # PRIME vs RLOO vs a frozen PRM, 3 seeds
+    python prime.py --compare                                        # PRIME, RLOO, a frozen PRM, the oracle; 3 seeds
     torchrun --nproc_per_node 8 prime.py --model Eurus-2-7B-SFT --data train.jsonl --bf16
 """
 from __future__ import annotations
@@ -46,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.data import build_prompt, load_problems, read_jsonl, split_steps
+from utils.data import build_prompt, load_problems, read_jsonl, split_steps, step_spans
 from utils.generation import load_backend, vllm_available
 from utils.grader import grade
 from utils.train import (MetricsLog, all_reduce, full_state, load_optimizer, run_main, seed_all, setup_dist, shard,
@@ -79,11 +87,17 @@ class Args:
     beta: float = field(default=0.05, metadata={"help": "beta of the PRM loss (paper: 0.05)"})
     prm_lr: float = field(default=1e-6, metadata={"help": "PRM AdamW lr, constant (code: 1e-6)"})
     prm_grad_clip: float = field(default=10.0, metadata={"help": "PRM grad-norm clip (code: 10)"})
-    process_rewards: bool = field(default=True, metadata={"help": "use the PRM's process rewards (false: outcome-only RLOO)"})
+    process_rewards: str = field(default="implicit", metadata={"help": "implicit (the PRM's q_t) | none (outcome-only "
+                                                                     "RLOO) | oracle (toy only: the exact checker's token "
+                                                                     "rewards, the control)"})
+    ref_type: str = field(default="freeze", metadata={"help": "the PRM's reference: freeze (the SFT policy, frozen; the "
+                                                            "code's default) | policy (the policy before this step's "
+                                                            "update, its old logprobs; no reference model held)"})
     prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
     prm_init: str = field(default="", metadata={"help": "start the PRM, and take the reference, from an implicit "
                                                        "verifier dir (a prime.py run's prm/; the paper's frozen "
-                                                       "baseline is an offline EurusPRM); empty: the SFT policy"})
+                                                       "baseline is an offline EurusPRM) or a causal LM dir with the "
+                                                       "policy's tokenizer (both from it); empty: the SFT policy"})
     rescore: bool = field(default=False, metadata={"help": "take process rewards from a second forward after the PRM "
                                                            "update (paper B.2 'double forward'; default single)"})
     prm_epochs: int = field(default=1, metadata={"help": "PRM passes over each batch (code: 1); the rewards come "
@@ -99,7 +113,8 @@ class Args:
     mini_batches: int = field(default=4, metadata={"help": "optimizer steps per pass, for the policy and the PRM (code: 4)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward (memory; deviation 3)"})
     gamma: float = field(default=1.0, metadata={"help": "discount of both returns (paper: 1.0)"})
-    global_stats: bool = field(default=False, metadata={"help": "torchrun: normalise and whiten over all ranks (deviation 2)"})
+    global_norm: bool = field(default=False, metadata={"help": "torchrun: normalise process rewards by the whole batch's "
+                                                             "max |return-to-go| (the code: each rank its own; deviation 2)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 compute on GPU, fp32 master weights (as the code)"})
     shard: str = field(default="fsdp", metadata={"help": "torchrun: fsdp (FSDP2 over policy, PRM, reference) | ddp"})
     # run
@@ -166,11 +181,27 @@ def rloo_returns(outcome: torch.Tensor, process: torch.Tensor, mask: torch.Tenso
     last = last & mask.bool()
     r_out = torch.zeros_like(process)
     r_out[last] = outcome.float()[last.any(-1)]
-    reward = _masked_rloo(r_out, last.float(), k) + _masked_rloo(process, mask, k)  # Eq. (5), both sources
-    T = reward.shape[1]
-    disc = gamma ** torch.arange(T, dtype=reward.dtype, device=reward.device)  # returns: sum_{s>=t} gamma^(s-t) r_s
-    returns = ((reward * mask * disc).flip(-1).cumsum(-1).flip(-1) / disc) * mask
+    reward = (_masked_rloo(r_out, last.float(), k) + _masked_rloo(process, mask, k)) * mask  # Eq. (5), both sources
+    returns = discounted_returns(reward, gamma) * mask
     return masked_whiten(returns, mask, whiten_stats), returns  # NOTE: the whitening is in the code, not the paper
+
+
+def discounted_returns(reward: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R_t = r_t + gamma * R_{t+1}, (B, T), by a reverse loop as the code does: never dividing by gamma^t, which
+    underflows in float32 on long responses (0.95^3072 is 0, and every return would be NaN)."""
+    if gamma == 1.0:
+        return reward.flip(-1).cumsum(-1).flip(-1)
+    out, run = torch.zeros_like(reward), torch.zeros_like(reward[:, 0])
+    for t in reversed(range(reward.shape[1])):
+        run = reward[:, t] + gamma * run
+        out[:, t] = run
+    return out
+
+
+def process_return_abs(p: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |process return-to-go| over the valid tokens (a log figure: how much the process rewards move)."""
+    rtg = (p * mask).flip(-1).cumsum(-1).flip(-1)  # (B, T)
+    return ((rtg.abs() * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, eps: float):
@@ -189,16 +220,30 @@ def group_filter(acc: list[float], k: int, low: float, high: float) -> list[bool
 
 
 def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> float:
-    """Within each group: the share of (right, wrong) pairs the PRM's sequence reward orders right."""
-    hit = n = 0
+    """The code's `compute_dpo_accuracy`: per group, over pairs i < j with different outcomes, a hit when
+    (s_i > s_j) == (o_i > o_j), weighted by |o_i - o_j| (so a tie in score is a hit when the wrong sample comes
+    first, a miss otherwise); a group with no such pair counts 0.5; the mean over groups."""
+    accs = []
     for g in range(0, len(score), k):
         s, o = score[g: g + k].tolist(), outcome[g: g + k].tolist()
-        for i in range(k):
-            for j in range(k):
-                if o[i] > o[j]:
-                    hit += s[i] > s[j]
-                    n += 1
-    return hit / n if n else float("nan")
+        pairs = [(i, j) for i in range(len(s)) for j in range(i + 1, len(s))]
+        w = sum(abs(o[i] - o[j]) for i, j in pairs)
+        accs.append(sum(((s[i] - s[j] > 0) == (o[i] - o[j] > 0)) * abs(o[i] - o[j]) for i, j in pairs) / w if w else 0.5)
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def oracle_rewards(problem: str, response_ids: list[int], tok) -> list[float]:
+    """The control's exact token rewards (toy world only): -1 on the last token of the first wrong step by the
+    toy's checker (its separator, which ends the step), 0 on every other token. That is the step-wise change of the exact value (1 while every step
+    is right, 0 from the first wrong one: the toy's errors are never undone), the quantity an implicit PRM's
+    q_t estimates; per-step correctness (+1 per right step) would instead pay for longer solutions."""
+    from utils.toy import check_steps
+    steps, ends = step_spans(tok, response_ids)
+    r = [0.0] * len(response_ids)
+    bad = check_steps(problem, steps).first_error if steps else -1
+    if bad >= 0:
+        r[ends[bad] - 1] = -1.0
+    return r
 
 
 # ----------------------------------------------------------------------------- tensors from rollouts
@@ -217,15 +262,21 @@ def logprobs_chunked(model, batch: dict, idx: list[int], micro: int, pad: int, d
 
 def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, step: int, tok, dist,
             logprobs: bool = False) -> tuple:
-    """Fill the step's batch: take carried-over groups first, then sample K rollouts for fresh prompts until
-    prompts_per_step groups (this rank's share) pass the filter; the surplus is carried over. `logprobs`: keep
-    the generator's logprob of each sampled token (to check that its weights are the policy's)."""
+    """Fill the step's batch as the code does (ray_trainer.py: get_from_buffer, add_to_buffer): up to a batch of
+    prompts carried over from the last step go first, with the round's fresh prompts; K rollouts of each are
+    sampled with the current policy and graded, and rounds go on until prompts_per_step groups (this rank's
+    share) pass the filter. The surplus passing prompts are carried to the next step as prompts only, to be
+    sampled and filtered again. `logprobs`: keep the generator's logprob of each sampled token (to check that
+    its weights are the policy's)."""
     want = max(1, args.prompts_per_step // dist.world)
-    kept, seen, rounds, n_rollouts, right, passed = list(buffer), 0, 0, 0, 0.0, 0
-    buffer.clear()
+    kept, seen, rounds, n_rollouts, right, passed = [], 0, 0, 0, 0.0, 0
+    carried = buffer[:want]
+    del buffer[:want]
     while len(kept) < want and rounds < args.max_rounds:
-        take = []
-        while len(take) < want:  # this rank's slice of the epoch's shuffled order
+        take = carried
+        carried = []
+        fresh = []
+        while len(fresh) < want:  # this rank's slice of the epoch's shuffled order
             if cursor["pos"] >= len(cursor["order"]):
                 cursor["epoch"] += 1
                 cursor["order"] = _order(len(problems), args.seed + cursor["epoch"])
@@ -233,14 +284,15 @@ def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, s
             j = cursor["order"][cursor["pos"]]
             cursor["pos"] += 1
             if j % dist.world == dist.rank:
-                take.append(problems[j])
+                fresh.append(problems[j])
+        take = take + fresh
         prompts = [tok.encode(build_prompt(p["problem"], tok, args.chat), add_special_tokens=False) for p in take]
         outs = gen.sample(prompts, n=args.k, temperature=args.temperature, max_tokens=args.max_new_tokens,
                           seed=args.seed * 100003 + step * 1009 + rounds * 7 + dist.rank, logprobs=logprobs)
         for p, pr, o in zip(take, prompts, outs):
             acc = [float(grade(s.text, str(p["answer"]))) for s in o]
             right += sum(acc)
-            group = {"prompt": pr, "responses": [list(s.token_ids) for s in o], "acc": acc}
+            group = {"problem": p, "prompt": pr, "responses": [list(s.token_ids) for s in o], "acc": acc}
             if logprobs:
                 group["gen_logp"] = [list(s.logprobs or []) for s in o]
             if group_filter(acc, args.k, args.filter_low, args.filter_high)[0]:
@@ -249,10 +301,9 @@ def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, s
         seen += len(take)
         n_rollouts += len(take) * args.k
         rounds += 1
-    buffer.extend(kept[want:])  # carried into the next step
+    buffer.extend(g["problem"] for g in kept[want:])  # carried into the next step: the prompts alone
     return kept[:want], {"rollout/acc": right / max(1, n_rollouts), "rollout/filtered_frac": 1 - passed / max(1, seen),
-                         "rollout/rounds": rounds,
-                         "rollout/rollouts": n_rollouts, "rollout/carried": len(buffer)}
+                         "rollout/rounds": rounds, "rollout/rollouts": n_rollouts}
 
 
 def _micro(rows: list[int], size: int) -> list[list[int]]:
@@ -284,11 +335,17 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     m = {}
     t = time.time()
     # 1. implicit PRM: q from the forward that is backpropagated ("single forward"); groups stay whole
-    if not args.process_rewards:  # outcome-only RLOO: no PRM at all
-        return _policy_step(policy, popt, batch, outcome, torch.zeros((B, batch["T"]), device=dev), mask, args, dist,
-                            step, m)
+    if args.process_rewards != "implicit":  # outcome-only RLOO (no PRM at all), or the exact checker's rewards
+        q = torch.zeros((B, batch["T"]), device=dev)
+        if args.process_rewards == "oracle":
+            for i, (g, r) in enumerate((g, r) for g in groups for r in g["responses"]):
+                q[i, : len(r)] = torch.tensor(oracle_rewards(g["problem"]["problem"], r, tok), device=dev)
+            m["train/oracle_wrong_frac"] = (q.sum(-1) < 0).float().mean().item()  # solutions with a wrong step
+        return _policy_step(policy, popt, batch, outcome, q, mask, args, dist, step, m)
+    ref_model = ref if args.ref_type == "freeze" else policy  # "policy": the policy before this step's update
     q, ref_lp = torch.zeros((B, batch["T"]), device=dev), torch.zeros((B, batch["T"]), device=dev)
     # NOTE: the reference runs on exactly the PRM's micro-batches: PRM = reference then gives q = 0 to the bit
+    # ("policy": these are the old logprobs, dp_prime.py's `ref_log_prob = data['old_log_probs']`)
     # (other batch shapes leave ~1e-7 of float noise, which the max-|return| normalisation would blow up)
     losses = []
     size = k * math.ceil(B / k / args.mini_batches)  # mini-batches in order, whole groups (the PRM's own batching)
@@ -299,7 +356,7 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
         for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
             if epoch == 0:
                 with torch.no_grad():
-                    ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
+                    ref_lp[micro] = logprobs_chunked(ref_model, batch, micro, len(micro), pad, dev)
             with torch.set_grad_enabled(args.prm_update):
                 lp = logprobs_chunked(prm, batch, micro, len(micro), pad, dev, grad=args.prm_update)
                 q_micro = process_rewards(lp, ref_lp[micro], mask[micro])
@@ -317,7 +374,7 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     if args.rescore:  # double forward: rewards from the updated PRM, on the same micro-batches
         with torch.no_grad():
             for micro in _micro(rows, args.micro_batch):
-                ref_lp[micro] = logprobs_chunked(ref, batch, micro, len(micro), pad, dev)
+                ref_lp[micro] = logprobs_chunked(ref_model, batch, micro, len(micro), pad, dev)
                 q[micro] = process_rewards(logprobs_chunked(prm, batch, micro, len(micro), pad, dev), ref_lp[micro],
                                            mask[micro])
     seq = args.beta * q.sum(-1)
@@ -329,25 +386,23 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
 def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, step: int, m: dict) -> dict:
     """Advantages from the outcome and the process rewards q, then the PPO update."""
     dev, pad, k, rows = dist.device, batch["pad"], args.k, list(range(len(batch["responses"])))
-    # 2. advantages: normalised process rewards + outcome, RLOO each, summed, whitened (per rank: deviation 2)
+    # 2. advantages: normalised process rewards + outcome, RLOO each, summed; the code normalises on each rank
+    # (the PRM worker) and whitens on the driver over the whole batch (deviation 2)
     t = time.time()
-    if args.process_rewards and step >= args.prm_warmup:
+    if args.process_rewards != "none" and step >= args.prm_warmup:
         rtg = (q * mask).flip(-1).cumsum(-1).flip(-1)
         mx = all_reduce((rtg.abs() * mask).max().reshape(1), torch.distributed.ReduceOp.MAX, dist)[0] \
-            if args.global_stats else None
+            if args.global_norm else None
         p = normalize_process_rewards(q, mask, mx)
     else:
         p = torch.zeros_like(q)
-    stats = None
-    if args.global_stats and dist.on:
-        _, ret = rloo_returns(outcome, p, mask, k, args.gamma)
-        s = all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]),
-                        torch.distributed.ReduceOp.SUM, dist)
+    adv, ret = rloo_returns(outcome, p, mask, k, args.gamma)
+    if dist.on:  # whitened with the whole batch's mean and variance, as the driver does
+        s = all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]).double(),
+                       torch.distributed.ReduceOp.SUM, dist)
         mean = s[0] / s[2]
-        stats = (mean, (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1))
-    adv, ret = rloo_returns(outcome, p, mask, k, args.gamma, stats)
-    m.update({"train/outcome_acc": outcome.mean().item(),
-              "train/process_return_abs": (p.flip(-1).cumsum(-1).abs() * mask).sum().item() / mask.sum().item(),
+        adv = masked_whiten(ret, mask, ((mean).float(), ((s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1)).float()))
+    m.update({"train/outcome_acc": outcome.mean().item(), "train/process_return_abs": process_return_abs(p, mask),
               "train/adv_mean": ((adv * mask).sum() / mask.sum()).item(), "train/return_std": ret[mask.bool()].std().item()})
     # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
     with torch.no_grad():
@@ -447,6 +502,10 @@ def main(args: Args) -> dict:
         args.data, args.eval_data = args.data or str(tdir / "train.jsonl"), args.eval_data or str(tdir / "test.jsonl")
     if not (args.k >= 2 and 0 <= args.filter_low <= args.filter_high <= 1 and args.mini_batches >= 1):
         raise ValueError("--k must be >= 2, 0 <= --filter_low <= --filter_high <= 1, --mini_batches >= 1")
+    if args.process_rewards not in ("implicit", "none", "oracle") or args.ref_type not in ("freeze", "policy"):
+        raise ValueError("--process_rewards implicit|none|oracle, --ref_type freeze|policy")
+    if args.process_rewards == "oracle" and not toy:
+        raise ValueError("--process_rewards oracle needs the toy world's exact checker (leave --model empty)")
     problems = load_problems(args.data)
     test = load_problems(args.eval_data, args.n_eval_problems or None) if args.eval_data else []
     if dist.main:
@@ -469,20 +528,28 @@ def main(args: Args) -> dict:
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     models = []
     src = {"policy": args.model, "prm": args.model, "reference": args.model}
-    if args.prm_init:
+    if args.prm_init and (Path(args.prm_init) / "verifier.json").exists():
         meta = read_meta(args.prm_init)
         if meta.get("kind") != "implicit":
             raise ValueError(f"--prm_init {args.prm_init}: not an implicit verifier dir (kind {meta.get('kind')!r})")
         ref_dir = Path(meta["reference"])
         src.update(prm=args.prm_init, reference=str(ref_dir if ref_dir.is_absolute() else Path(args.prm_init) / ref_dir))
-    for name in ("policy", "prm", "reference"):  # one at a time: a rank holds one whole model at most
+    elif args.prm_init:  # a causal LM (a larger model with the policy's tokenizer): the PRM and its reference start there
+        if not (Path(args.prm_init) / "config.json").exists():
+            raise ValueError(f"--prm_init {args.prm_init}: neither an implicit verifier dir nor a model dir")
+        if AutoTokenizer.from_pretrained(args.prm_init).get_vocab() != tok.get_vocab():
+            raise ValueError(f"--prm_init {args.prm_init}: its tokenizer is not the policy's (the PRM scores the "
+                             "policy's token ids)")
+        src.update(prm=args.prm_init, reference=args.prm_init)
+    names = ("policy", "prm") + (("reference",) if args.ref_type == "freeze" else ())  # "policy": no reference held
+    for name in names:  # one at a time: a rank holds one whole model at most
         m = AutoModelForCausalLM.from_pretrained(src[name], dtype=torch.float32)  # fp32 master weights
         if st is not None and name in st:
             m.load_state_dict(st[name])
         if name == "reference":
             m.requires_grad_(False).eval()
         models.append(shard(m if fsdp else m.to(dev), args.shard, dist, bf16, train=name != "reference"))
-    policy, prm, ref = models  # FSDP moves each rank's shards to its device itself
+    policy, prm, ref = models + [None] * (3 - len(models))  # FSDP moves each rank's shards to its device itself
     backend = args.backend if args.backend != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
     if backend == "vllm":  # its own copy of the weights, pushed after every update
         gen = load_backend(args.model, backend="vllm", gpu_memory_utilization=args.vllm_memory)
@@ -506,7 +573,9 @@ def main(args: Args) -> dict:
             results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
         print(f"SFT policy: greedy {100 * results['sft/greedy_acc']:.1f}%, T=1 {100 * results['sft/sample_acc']:.1f}%")
     rollouts = results.get("rollouts", 0)
-    bar = tqdm(range(start, args.steps), desc="PRIME" if args.process_rewards else "RLOO", disable=not dist.main,
+    desc = {"implicit": "PRIME", "none": "RLOO", "oracle": "RLOO + exact process rewards"}[args.process_rewards]
+    last_eval = None  # the evaluation of the last step, which is the final one
+    bar = tqdm(range(start, args.steps), desc=desc, disable=not dist.main,
                initial=start, total=args.steps)
     for step in bar:
         t = time.time()
@@ -516,7 +585,8 @@ def main(args: Args) -> dict:
         m["time/rollout"] = time.time() - t
         n = torch.tensor([len(groups)], device=dev)
         n = int(all_reduce(n, torch.distributed.ReduceOp.MIN, dist)[0]) if dist.on else len(groups)
-        buffer[:0] = groups[n:]  # every rank updates on as many groups (DDP), the rest waits for the next step
+        buffer[:0] = [g["problem"] for g in groups[n:]]  # every rank updates on as many groups (DDP); the rest's
+        m["rollout/carried"] = len(buffer)  # prompts wait for the next step, to be sampled and filtered again
         rollouts += int(all_reduce(torch.tensor([m["rollout/rollouts"]], device=dev), torch.distributed.ReduceOp.SUM, dist)[0])
         if n:
             unwrap(policy).train()
@@ -531,23 +601,27 @@ def main(args: Args) -> dict:
         if dist.main and test and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             unwrap(policy).eval()
             with amp():
-                m.update({f"eval/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+                ev = evaluate(gen, test, args, tok)
+            m.update({f"eval/{k}": v for k, v in ev.items()})
+            last_eval = ev if step + 1 == args.steps else None
         if dist.main:
             log.log(step + 1, **m)
             bar.set_postfix(reward=f"{m['train/reward']:.3f}", prm_loss=f"{m.get('train/prm_loss', float('nan')):.3f}")
         results["rollouts"] = rollouts
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_state(out, step + 1, policy, prm, popt, ropt, cursor, buffer, {"results": results}, dist, fsdp)
-    weights = [full_state(m, fsdp=fsdp)[0] for m in (policy, prm, ref)]  # collectives under FSDP
+    weights = [full_state(m, fsdp=fsdp)[0] for m in (policy, prm, ref) if m is not None]  # collectives under FSDP
     if dist.main:
         if test:
             unwrap(policy).eval()
             with amp():
-                results.update({f"final/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
+                ev = last_eval or evaluate(gen, test, args, tok)  # the same policy, the same sampling seed
+            results.update({f"final/{k}": v for k, v in ev.items()})
         results["wall_s"] = time.time() - t0
         unwrap(policy).save_pretrained(out / "policy", state_dict=weights[0])
         tok.save_pretrained(out / "policy")
-        save_verifier(out, prm, ref, tok, args, (weights[1], weights[2]))
+        # ref_type "policy": the last policy stands as the saved verifier's reference
+        save_verifier(out, prm, ref if ref is not None else policy, tok, args, (weights[1], weights[-1 if ref is not None else 0]))
         write_json(out / "results.json", results)
         print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
     if dist.on:
@@ -556,7 +630,8 @@ def main(args: Args) -> dict:
 
 
 # ----------------------------------------------------------------------------- --compare
-METHODS = {"prime": {}, "rloo": {"process_rewards": False}, "frozen_prm": {"prm_update": False}}
+METHODS = {"prime": {}, "rloo": {"process_rewards": "none"}, "frozen_prm": {"prm_update": False},
+           "oracle": {"process_rewards": "oracle"}}  # oracle: the toy world only
 
 
 def smooth(xs: list[float], w: int = 10) -> list[float]:
@@ -569,12 +644,14 @@ def rollouts_to_reach(curve: list[tuple[int, float]], target: float) -> int | No
 
 
 def compare(args: Args) -> dict:
-    """PRIME, outcome-only RLOO and a frozen PRM on the same budget for every seed: learning curves, final
+    """PRIME, outcome-only RLOO, a frozen PRM and (toy) the exact rewards on the same budget for every seed: learning curves, final
     test accuracy, and how many rollouts each needs to reach RLOO's final smoothed training reward. The frozen
     PRM is the one this seed's PRIME run trained (--prm_init: another); a frozen PRM that is still the SFT
     policy would give q = 0 exactly, i.e. RLOO itself."""
     out, seeds, res, curves = Path(args.out_dir), [int(s) for s in args.seeds.split(",")], {}, {}
-    for name, over in METHODS.items():
+    methods = [n for n in METHODS if n != "oracle" or not args.model]  # the exact checker: toy world only
+    for name in methods:
+        over = METHODS[name]
         for s in seeds:
             d = out / f"{name}_seed{s}"
             kw = dict(over)
@@ -591,7 +668,7 @@ def compare(args: Args) -> dict:
     target = sum(curves["rloo", s]["reward"][-1] for s in seeds) / len(seeds)
     table = ["| method | final smoothed reward | final greedy | final T=1 | rollouts to RLOO's final reward | s/step |",
              "|---|---|---|---|---|---|"]
-    for name in METHODS:
+    for name in methods:
         cs = [curves[name, s] for s in seeds]
         fin = [c["reward"][-1] for c in cs]
         need = [rollouts_to_reach(list(zip(c["rollouts"], c["reward"])), target) for c in cs]
@@ -610,24 +687,24 @@ def compare(args: Args) -> dict:
                      f"{res[f'{name}/seconds_per_step']:.1f} |")
     res["sft/greedy_acc"], res["sft/sample_acc"] = (curves["prime", seeds[0]]["r"][f"sft/{k}"] for k in ("greedy_acc", "sample_acc"))
     res["prime_cost_per_step_vs_rloo"] = res["prime/seconds_per_step"] / res["rloo/seconds_per_step"]
-    curve = ["| rollouts | " + " | ".join(f"{n} reward / greedy" for n in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    curve = ["| rollouts | " + " | ".join(f"{n} reward / greedy" for n in methods) + " |", "|---|" + "---|" * len(methods)]
     for i, (r, _, _) in enumerate(curves["prime", seeds[0]]["eval"]):
         cells = []
-        for name in METHODS:
+        for name in methods:
             ev = [curves[name, s]["eval"][i] for s in seeds if i < len(curves[name, s]["eval"])]
             rw = [dict(zip(curves[name, s]["rollouts"], curves[name, s]["reward"])).get(e[0]) for s, e in zip(seeds, ev)]
             cells.append(f"{_spread([x for x in rw if x is not None])} / {_spread([e[1] for e in ev], 100)}")
         curve.append(f"| {r} | " + " | ".join(cells) + " |")
     md = (f"RLOO's final smoothed training reward: {target:.3f} (mean of {len(seeds)} seeds)\n\n" + "\n".join(table) +
           "\n\nlearning curves (mean ± half-range over seeds; reward smoothed over 10 steps)\n\n" + "\n".join(curve) + "\n")
-    md += _error_tables(curves, seeds, res)
+    md += _error_tables(curves, seeds, res, methods)
     (out / "compare.md").write_text(md)
     write_json(out / "results.json", res)
     print(md)
     return res
 
 
-def _error_tables(curves: dict, seeds: list[int], res: dict) -> str:
+def _error_tables(curves: dict, seeds: list[int], res: dict, methods: list[str]) -> str:
     """Toy runs: test accuracy by number of operations and the share of solutions whose first wrong step is of
     each kind, SFT beside each method's final policy (mean over seeds)."""
     sft = curves["prime", seeds[0]]["r"]
@@ -635,14 +712,14 @@ def _error_tables(curves: dict, seeds: list[int], res: dict) -> str:
         return ""
     cols = {"SFT": [{k[4:]: v for k, v in sft.items() if k.startswith("sft/")}]}
     cols.update({n: [{k[6:]: v for k, v in curves[n, s]["r"].items() if k.startswith("final/")} for s in seeds]
-                 for n in METHODS})
+                 for n in methods})
     md = ""
     for key, title in (("greedy_acc_by_ops", "greedy test accuracy by operations in the problem"),
                        ("greedy_first_errors", "greedy test solutions whose first wrong step is a ..."),
                        ("sample_first_errors", "T = 1 test solutions whose first wrong step is a ...")):
         mean = {c: {k: sum(r[key].get(k, 0.0) for r in rs) / len(rs) for k in set().union(*(r[key] for r in rs))}
                 for c, rs in cols.items()}
-        for n in METHODS:
+        for n in methods:
             res[f"{n}/final/{key}"] = mean[n]
         res[f"sft/{key}"] = mean["SFT"]
         rows = sorted(set().union(*mean.values()))

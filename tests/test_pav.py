@@ -225,6 +225,9 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
     # the Monte-Carlo control: beam and RL rows, its rollouts counted apart from the policy's
     assert 0.0 <= s["mc_beam@4"] <= 1.0 and s["tokens/mc_beam@4"] > 0 and s["tokens/mc_rollouts@4"] > 0
     assert "mc_vs_orm@4" in s and "mc_vs_pass@4" in s
+    md = (out / "results.md").read_text().splitlines()  # each beam's line names its own comparisons only
+    assert all("pass@" not in x for x in md if x.startswith("- pav_beam")) and any(x.startswith("- mc_beam") and "pass@" in x
+                                                                                  for x in md)
     assert 0.0 <= res["rl_mc/final_acc"] <= 1.0 and "rl_mc/sample_efficiency_ratio" in res
     assert len(res["rl"]["mc_final_seeds"]) == 2 and res["rl_mc/mc_rollouts_per_run"] > 0
     mc_log = [json.loads(x) for x in (out / "rl" / "mc4_seed0" / "metrics.jsonl").read_text().splitlines()]

@@ -83,6 +83,104 @@ def test_filter_and_pairwise_accuracy():
     assert P.rollouts_to_reach(curve, 0.3) == 20 and P.rollouts_to_reach(curve, 0.9) is None
 
 
+def test_discounted_returns_do_not_underflow():
+    # by hand, gamma 0.5: r = [1, 2, 4] -> R = [1 + 0.5 * 4, 2 + 0.5 * 4, 4] = [3, 4, 4]
+    assert P.discounted_returns(torch.tensor([[1.0, 2.0, 4.0]]), 0.5).tolist() == [[3.0, 4.0, 4.0]]
+    # a 3,072-token response at gamma 0.95: 0.95^3071 underflows float32, so dividing by gamma^t gave NaN
+    T, mask = 3072, torch.ones(2, 3072)
+    adv, ret = P.rloo_returns(torch.tensor([1.0, 0.0]), torch.zeros(2, T), mask, 2, gamma=0.95)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert ret[0, -1].item() == 1.0 and ret[0, -2].item() == pytest.approx(0.95)  # the outcome's +1, one token back
+    assert ret[1, 0].item() == pytest.approx(-(0.95 ** 3071), abs=1e-30)
+
+
+def test_process_return_abs_by_hand():
+    # rows p0 = [1, 2, (pad)], p1 = [3, 0, 0]: returns-to-go [3, 2], [3, 0, 0]; mean |.| over the 5 valid tokens
+    # is 8 / 5 = 1.6 (flipping the rewards but not the mask gave (2 + 3) / 5 = 1.0)
+    p = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert P.process_return_abs(p, mask) == pytest.approx(1.6)
+
+
+def test_pairwise_accuracy_as_the_code_counts_ties():
+    o = torch.tensor([0.0, 1.0])
+    # a tie is a hit when the wrong sample comes first ((s0 > s1) == (o0 > o1): False == False), else a miss
+    assert P.pairwise_accuracy(torch.tensor([0.5, 0.5]), o, 2) == 1.0
+    assert P.pairwise_accuracy(torch.tensor([0.5, 0.5]), o.flip(0), 2) == 0.0
+    assert P.pairwise_accuracy(torch.tensor([0.3, 0.1]), torch.tensor([1.0, 1.0]), 2) == 0.5  # no mixed pair: 0.5
+    # the mean over groups, not over pairs: group 1 (1 right, 3 wrong) 2 of 3 pairs right, group 2 (2 / 2) 4 of 4
+    s = torch.tensor([0.9, 0.5, 0.95, 0.1, 0.8, 0.7, 0.2, 0.1])
+    o = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    assert P.pairwise_accuracy(s, o, 4) == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_oracle_rewards_mark_the_first_wrong_step(tmp_path):
+    from utils.toy import build_char_tokenizer
+    tok = build_char_tokenizer(tmp_path)
+    problem = ("Dan has 10 stickers. Dan gives away 6. Dan's bag weighs 3 pounds. Dan loses half of them. "
+               "How many stickers does Dan have now?")
+    right = ["Dan gives away 6, so 10 - 6 = 4.", "Losing half leaves 4 / 2 = 2.", "The answer is \\boxed{2}."]
+    ids = tok.encode("\n\n".join(right), add_special_tokens=False)
+    assert P.oracle_rewards(problem, ids, tok) == [0.0] * len(ids)  # every step right: no process reward
+    wrong = [right[0], "Losing half leaves 4 / 2 = 3.", "The answer is \\boxed{3}."]  # step 2 is the first wrong one
+    ids = tok.encode("\n\n".join(wrong), add_special_tokens=False)
+    r = P.oracle_rewards(problem, ids, tok)
+    end = len(tok.encode("\n\n".join(wrong[:2]) + "\n\n", add_special_tokens=False))  # step 2 with its separator
+    assert len(r) == len(ids) and sum(r) == -1.0 and r[end - 1] == -1.0
+
+
+class _FakeGen:
+    """Rollouts graded by a table: problem -> K answers; records which problems it was asked for."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def sample(self, prompts, n, **_):
+        from utils.generation import Sample
+        out = []
+        for pr in prompts:
+            q = next(q for q in self.answers if pr == _enc(q))
+            self.asked.append(q)
+            out.append([Sample([1], f"\\boxed{{{a}}}", None, "eos") for a in self.answers[q][:n]])
+        return out
+
+
+def _enc(q):
+    from utils.data import build_prompt
+    return [ord(c) for c in build_prompt(q)]
+
+
+class _Tok:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_surplus_prompts_are_carried_and_filtered_again():
+    """The code's buffer: the passing prompts beyond the batch wait as prompts, then are sampled again with the
+    current policy (first, before the fresh ones) and filtered again; no old response is trained on."""
+    from dataclasses import replace as dc_replace
+    from utils.train import Dist
+    probs = [{"problem": f"p{i}", "answer": "1"} for i in range(6)]
+    half = ["1", "1", "0", "0"]  # accuracy 0.5: passes the [0.2, 0.8] filter
+    gen = _FakeGen({f"p{i}": half for i in range(6)})
+    args = dc_replace(P.Args(), prompts_per_step=2, k=4, max_new_tokens=8)
+    cursor, buffer = {"epoch": 0, "pos": 0, "order": list(range(6))}, []
+    groups, m = P.collect(gen, probs, cursor, buffer, args, 0, _Tok(), Dist())
+    assert [g["problem"]["problem"] for g in groups] == ["p0", "p1"] and buffer == []  # one round filled it exactly
+    # p2 now fails the filter (all right): round 1 passes p3, round 2 passes p4 and p5; p5 is the surplus
+    gen.answers["p2"] = ["1", "1", "1", "1"]
+    groups, m = P.collect(gen, probs, cursor, buffer, args, 1, _Tok(), Dist())
+    assert gen.asked[2:] == ["p2", "p3", "p4", "p5"] and m["rollout/rounds"] == 2
+    assert [g["problem"]["problem"] for g in groups] == ["p3", "p4"]
+    assert buffer == [probs[5]]  # the surplus waits as its prompt alone, not as a group with old responses
+    # the policy has moved: p5 now fails. It is sampled again, first, beside the fresh prompts, and dropped
+    gen.answers["p5"] = ["0", "0", "0", "0"]
+    cursor = {"epoch": 0, "pos": 0, "order": list(range(6))}
+    groups, m = P.collect(gen, probs, cursor, buffer, args, 2, _Tok(), Dist())
+    assert gen.asked[6:] == ["p5", "p0", "p1"] and m["rollout/rounds"] == 1
+    assert [g["problem"]["problem"] for g in groups] == ["p0", "p1"] and buffer == []
+
+
 TINY = ["--steps", "3", "--prompts_per_step", "4", "--n_eval_problems", "4", "--eval_every", "2", "--max_new_tokens", "40",
         "--filter_low", "0", "--filter_high", "1", "--micro_batch", "8"]
 
@@ -154,9 +252,13 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
     r = _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--compare", "--seeds", "0"] + TINY[2:]
              + ["--steps", "2"])
     res = json.loads((out / "results.json").read_text())
-    for m in ("prime", "rloo", "frozen_prm"):
+    for m in ("prime", "rloo", "frozen_prm", "oracle"):
         assert 0 <= res[f"{m}/final/greedy_acc"] <= 1 and 0 <= res[f"{m}/final/sample_acc"] <= 1
         assert f"{m}/rollouts_to_rloo_final_reward" in res
+    oracle = _metrics(out / "oracle_seed0")  # the exact checker's rewards: no PRM work, a reward where a step is wrong
+    assert all("train/prm_loss" not in r and 0 <= r["train/oracle_wrong_frac"] <= 1 for r in oracle)
+    assert all((r["train/process_return_abs"] > 0) == (r["train/oracle_wrong_frac"] > 0) for r in oracle)
+    assert all("rollout/carried" in r for r in oracle)
     assert "sft/greedy_acc" in res and res["prime_cost_per_step_vs_rloo"] > 0 and "| prime |" in r.stdout
     assert "first wrong step" in r.stdout and "rloo/final/greedy_first_errors" in res
     rloo, frozen = _metrics(out / "rloo_seed0"), _metrics(out / "frozen_prm_seed0")
@@ -171,6 +273,14 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
     sft = tmp_path / "frozen_sft"
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sft), "--prm_update", "false"] + TINY[2:] + ["--steps", "2"])
     assert all(r["train/process_return_abs"] == 0 and r["train/prm_loss"] == pytest.approx(math.log(2)) for r in _metrics(sft))
+    # --ref_type policy: no reference model; the policy's old logprobs are the reference, so q = 0 at step 1
+    pol = tmp_path / "ref_policy"
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(pol), "--ref_type", "policy", "--lr", "0.01"] + TINY[2:]
+         + ["--steps", "2"])
+    rows = _metrics(pol)
+    assert rows[0]["train/process_return_abs"] == 0 and rows[0]["train/prm_loss"] == pytest.approx(math.log(2))
+    assert rows[1]["train/process_return_abs"] > 0  # the PRM and the policy have each taken a step apart
+    assert (pol / "prm" / "reference" / "model.safetensors").exists()  # the final policy stands as its reference
     r = subprocess.run([sys.executable, "prime.py", "--toy_dir", str(tiny_toy_dir), "--prm_init", str(tiny_toy_dir)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1  # one clear line
