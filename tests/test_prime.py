@@ -273,13 +273,15 @@ def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
     sft = tmp_path / "frozen_sft"
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(sft), "--prm_update", "false"] + TINY[2:] + ["--steps", "2"])
     assert all(r["train/process_return_abs"] == 0 and r["train/prm_loss"] == pytest.approx(math.log(2)) for r in _metrics(sft))
-    # --ref_type policy: no reference model; the policy's old logprobs are the reference, so q = 0 at step 1
+    # --ref_type policy: no reference model, the policy's old logprobs are the reference. A frozen SFT PRM then gives
+    # q = 0 to the bit at step 1 (the policy is still the SFT) and q != 0 once the policy has moved (a frozen
+    # reference would keep q = 0, as above)
     pol = tmp_path / "ref_policy"
-    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(pol), "--ref_type", "policy", "--lr", "0.01"] + TINY[2:]
-         + ["--steps", "2"])
+    _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(pol), "--ref_type", "policy", "--prm_update", "false",
+          "--lr", "0.01"] + TINY[2:] + ["--steps", "2"])
     rows = _metrics(pol)
     assert rows[0]["train/process_return_abs"] == 0 and rows[0]["train/prm_loss"] == pytest.approx(math.log(2))
-    assert rows[1]["train/process_return_abs"] > 0  # the PRM and the policy have each taken a step apart
+    assert rows[1]["train/process_return_abs"] > 0
     assert (pol / "prm" / "reference" / "model.safetensors").exists()  # the final policy stands as its reference
     r = subprocess.run([sys.executable, "prime.py", "--toy_dir", str(tiny_toy_dir), "--prm_init", str(tiny_toy_dir)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -292,6 +294,10 @@ def test_torchrun_two_processes(tiny_toy_dir, tmp_path):
     one = tmp_path / "one"
     _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(one)] + TINY[2:] + ["--steps", "2"])
     assert set(_metrics(out)[-1]) == set(_metrics(one)[-1])  # the same metrics keys as one process
+    # whitened over the whole batch, as the code's driver: rank 0's own tokens need not average 0 (each rank
+    # whitening its own shard would make them 0 to float precision, as one process does)
+    assert all(abs(r["train/adv_mean"]) < 1e-5 for r in _metrics(one))
+    assert any(abs(r["train/adv_mean"]) > 1e-3 for r in _metrics(out))
     assert json.loads((out / "results.json").read_text()).keys() == json.loads((one / "results.json").read_text()).keys()
 
 
