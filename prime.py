@@ -5,11 +5,12 @@ code runs it.
 Each RL step: sample prompts, K rollouts each at T = 1, grade them 0/1; keep prompts whose mean accuracy is
 in [0.2, 0.8], sampling more until the batch is full (the surplus prompts wait for the next step, where they
 are sampled and filtered again with the fresh ones). The implicit PRM pi_phi and a frozen reference start
-as the SFT policy; a token's process reward is q_t = log pi_phi(y_t) - log pi_ref(y_t). The PRM is updated first on this batch with BCE(sigma(beta * sum_t q_t), outcome), and the q
-of that same forward are the process rewards ("single forward"). They are divided by the batch's largest
-|return-to-go|; RLOO runs separately on the outcome (last token) and on the process rewards (per token),
-returns are summed (gamma = 1) and whitened over the valid tokens; then PPO-clip on recomputed old logprobs,
-one epoch of 4 mini-batches, no KL, no entropy bonus. The trained PRM is saved as a verifier dir of kind
+as the SFT policy; a token's process reward is q_t = log pi_phi(y_t) - log pi_ref(y_t). The PRM is updated
+first on this batch with BCE(sigma(beta * sum_t q_t), outcome), and the q of that same forward are the
+process rewards ("single forward"). They are divided by the batch's largest |return-to-go|; RLOO runs
+separately on the outcome (last token) and on the process rewards (per token), returns are summed (gamma = 1)
+and whitened over the valid tokens; then PPO-clip on recomputed old logprobs, one epoch of 4 mini-batches,
+no KL, no entropy bonus. The trained PRM is saved as a verifier dir of kind
 `implicit` (utils/verifiers.py), so search.py and eval.py score it beside the PRM and the ORM.
 
 Deviations (every one a code fact the paper leaves out is kept, and said where it is computed):
@@ -234,9 +235,10 @@ def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> flo
 
 def oracle_rewards(problem: str, response_ids: list[int], tok) -> list[float]:
     """The control's exact token rewards (toy world only): -1 on the last token of the first wrong step by the
-    toy's checker (its separator, which ends the step), 0 on every other token. That is the step-wise change of the exact value (1 while every step
-    is right, 0 from the first wrong one: the toy's errors are never undone), the quantity an implicit PRM's
-    q_t estimates; per-step correctness (+1 per right step) would instead pay for longer solutions."""
+    toy's checker (its separator, which ends the step), 0 on every other token. That is the step-wise change
+    of the exact value (1 while every step is right, 0 from the first wrong one: the toy's errors are never
+    undone), the quantity an implicit PRM's q_t estimates; per-step correctness (+1 per right step) would
+    instead pay for longer solutions."""
     from utils.toy import check_steps
     steps, ends = step_spans(tok, response_ids)
     r = [0.0] * len(response_ids)
@@ -401,7 +403,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
         s = all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]).double(),
                        torch.distributed.ReduceOp.SUM, dist)
         mean = s[0] / s[2]
-        adv = masked_whiten(ret, mask, ((mean).float(), ((s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1)).float()))
+        adv = masked_whiten(ret, mask, (mean.float(), ((s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1)).float()))
     m.update({"train/outcome_acc": outcome.mean().item(), "train/process_return_abs": process_return_abs(p, mask),
               "train/adv_mean": ((adv * mask).sum() / mask.sum()).item(), "train/return_std": ret[mask.bool()].std().item()})
     # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
