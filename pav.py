@@ -135,8 +135,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of data, training and search"})
 
 
-# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 35 minutes in all).
-TOY = dict(n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
+# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 31 minutes in all). alpha_rl 1: at 3 the learned
+# PAV's errors outweigh the outcome and its RL collapses on the toy (docs/results/pav.md, levers on RL).
+TOY = dict(alpha_rl=1.0, n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
            max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024,
            value_rollouts=8, rl_value_rollouts=4, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False)
 

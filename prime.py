@@ -28,13 +28,10 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
      every update, prefix cache reset) or HF; verl's sleep/offload of the idle engine is not done.
   7. One --gamma for both reward sources (the code has reward_model_gamma and verifier_gamma, both 1 in its
      run script).
-The code's other reference, --ref_type policy (dp_prime.py: no reference module, so q_t = log pi_phi - the
-policy's old logprobs), holds no reference model; its saved verifier takes the final policy as reference.
-Options the code does not have, off by default: --prm_epochs (more PRM passes per batch), --prm_warmup
-(train the PRM for N steps before its rewards enter the advantages), and the toy's control --process_rewards
-oracle: the same normalisation, RLOO, returns and whitening with q_t replaced by the exact checker's token
-rewards (-1 on the last token of the first wrong step: `oracle_rewards`), which tells whether dense rewards
-can help on the toy at all, apart from how well the implicit PRM learns them.
+The code's other reference, --ref_type policy (q_t against the policy's old logprobs), holds no reference
+model; its saved verifier takes the final policy as reference. Not in the code, off by default: --prm_epochs,
+--prm_warmup (PRM rewards left out for N steps), and the toy's control --process_rewards oracle: q_t replaced
+by the exact checker's token rewards (`oracle_rewards`), the rest unchanged: can dense rewards help at all?
 
     python prime.py                                                  # toy world on CPU
     python prime.py --compare                                        # PRIME, RLOO, a frozen PRM, the oracle; 3 seeds
@@ -88,17 +85,14 @@ class Args:
     beta: float = field(default=0.05, metadata={"help": "beta of the PRM loss (paper: 0.05)"})
     prm_lr: float = field(default=1e-6, metadata={"help": "PRM AdamW lr, constant (code: 1e-6)"})
     prm_grad_clip: float = field(default=10.0, metadata={"help": "PRM grad-norm clip (code: 10)"})
-    process_rewards: str = field(default="implicit", metadata={"help": "implicit (the PRM's q_t) | none (outcome-only "
-                                                                     "RLOO) | oracle (toy only: the exact checker's token "
-                                                                     "rewards, the control)"})
-    ref_type: str = field(default="freeze", metadata={"help": "the PRM's reference: freeze (the SFT policy, frozen; the "
-                                                            "code's default) | policy (the policy before this step's "
-                                                            "update, its old logprobs; no reference model held)"})
+    process_rewards: str = field(default="implicit", metadata={"help": "implicit (the PRM's q_t) | none (outcome-only RLOO) "
+                                                                     "| oracle (toy: the exact checker's; the control)"})
+    ref_type: str = field(default="freeze", metadata={"help": "the PRM's reference: freeze (the SFT policy; code default) "
+                                                            "| policy (the policy's old logprobs; no reference held)"})
     prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
-    prm_init: str = field(default="", metadata={"help": "start the PRM, and take the reference, from an implicit "
-                                                       "verifier dir (a prime.py run's prm/; the paper's frozen "
-                                                       "baseline is an offline EurusPRM) or a causal LM dir with the "
-                                                       "policy's tokenizer (both from it); empty: the SFT policy"})
+    prm_init: str = field(default="", metadata={"help": "the PRM and its reference from an implicit verifier dir (a "
+                                                       "prime.py run's prm/; the paper's frozen baseline: EurusPRM) or "
+                                                       "an LM dir with the policy's tokenizer; empty: the SFT policy"})
     rescore: bool = field(default=False, metadata={"help": "take process rewards from a second forward after the PRM "
                                                            "update (paper B.2 'double forward'; default single)"})
     prm_epochs: int = field(default=1, metadata={"help": "PRM passes over each batch (code: 1); the rewards come "
@@ -234,11 +228,9 @@ def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> flo
 
 
 def oracle_rewards(problem: str, response_ids: list[int], tok) -> list[float]:
-    """The control's exact token rewards (toy world only): -1 on the last token of the first wrong step by the
-    toy's checker (its separator, which ends the step), 0 on every other token. That is the step-wise change
-    of the exact value (1 while every step is right, 0 from the first wrong one: the toy's errors are never
-    undone), the quantity an implicit PRM's q_t estimates; per-step correctness (+1 per right step) would
-    instead pay for longer solutions."""
+    """The control's exact token rewards (toy only): -1 on the last token (the separator) of the checker's first
+    wrong step, 0 elsewhere: the change of the exact value (1 until a step is wrong, then 0: the toy's errors are
+    never undone), which an implicit PRM's q_t estimates. Per-step correctness would pay for length."""
     from utils.toy import check_steps
     steps, ends = step_spans(tok, response_ids)
     r = [0.0] * len(response_ids)
@@ -249,35 +241,24 @@ def oracle_rewards(problem: str, response_ids: list[int], tok) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- tensors from rollouts
-def logprobs_chunked(model, batch: dict, idx: list[int], micro: int, pad: int, device, grad: bool = False):
-    """token_logprobs over rows idx in micro-batches; (B, T) padded to the batch's longest response."""
-    T = batch["T"]
-    out = []
-    for s in range(0, len(idx), micro):
-        rows = idx[s: s + micro]
-        with torch.set_grad_enabled(grad):
-            lp, _ = token_logprobs(model, [batch["prompts"][i] for i in rows], [batch["responses"][i] for i in rows],
-                                   pad, device)
-        out.append(F.pad(lp, (0, T - lp.shape[1])))
-    return torch.cat(out)
+def logprobs_of(model, batch: dict, rows: list[int], pad: int, device) -> torch.Tensor:
+    """token_logprobs of the batch's rows, (len(rows), T) padded to the batch's longest response."""
+    return token_logprobs(model, [batch["prompts"][i] for i in rows], [batch["responses"][i] for i in rows], pad, device,
+                          width=batch["T"])[0]
 
 
 def collect(gen, problems: list[dict], cursor: dict, buffer: list, args: Args, step: int, tok, dist,
             logprobs: bool = False) -> tuple:
-    """Fill the step's batch as the code does (ray_trainer.py: get_from_buffer, add_to_buffer): up to a batch of
-    prompts carried over from the last step go first, with the round's fresh prompts; K rollouts of each are
-    sampled with the current policy and graded, and rounds go on until prompts_per_step groups (this rank's
-    share) pass the filter. The surplus passing prompts are carried to the next step as prompts only, to be
-    sampled and filtered again. `logprobs`: keep the generator's logprob of each sampled token (to check that
-    its weights are the policy's)."""
+    """Fill the step's batch as the code does (ray_trainer.py: get_from_buffer, add_to_buffer): the prompts
+    carried over (up to a batch) go first with a round of fresh ones; K rollouts each, graded; rounds until
+    prompts_per_step groups (this rank's share) pass the filter. The surplus passing prompts wait for the next
+    step as prompts, to be sampled and filtered again. `logprobs`: keep the generator's (to check its weights)."""
     want = max(1, args.prompts_per_step // dist.world)
     kept, seen, rounds, n_rollouts, right, passed = [], 0, 0, 0, 0.0, 0
     carried = buffer[:want]
     del buffer[:want]
     while len(kept) < want and rounds < args.max_rounds:
-        take = carried
-        carried = []
-        fresh = []
+        take, carried, fresh = carried, [], []
         while len(fresh) < want:  # this rank's slice of the epoch's shuffled order
             if cursor["pos"] >= len(cursor["order"]):
                 cursor["epoch"] += 1
@@ -358,9 +339,9 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
         for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
             if epoch == 0:
                 with torch.no_grad():
-                    ref_lp[micro] = logprobs_chunked(ref_model, batch, micro, len(micro), pad, dev)
+                    ref_lp[micro] = logprobs_of(ref_model, batch, micro, pad, dev)
             with torch.set_grad_enabled(args.prm_update):
-                lp = logprobs_chunked(prm, batch, micro, len(micro), pad, dev, grad=args.prm_update)
+                lp = logprobs_of(prm, batch, micro, pad, dev)
                 q_micro = process_rewards(lp, ref_lp[micro], mask[micro])
                 part = prm_loss(q_micro, mask[micro], outcome[micro], args.beta) * len(micro) / len(mb)
             if args.prm_update:
@@ -376,8 +357,8 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     if args.rescore:  # double forward: rewards from the updated PRM, on the same micro-batches
         with torch.no_grad():
             for micro in _micro(rows, args.micro_batch):
-                ref_lp[micro] = logprobs_chunked(ref_model, batch, micro, len(micro), pad, dev)
-                q[micro] = process_rewards(logprobs_chunked(prm, batch, micro, len(micro), pad, dev), ref_lp[micro],
+                ref_lp[micro] = logprobs_of(ref_model, batch, micro, pad, dev)
+                q[micro] = process_rewards(logprobs_of(prm, batch, micro, pad, dev), ref_lp[micro],
                                            mask[micro])
     seq = args.beta * q.sum(-1)
     m.update({"train/prm_loss": sum(losses) / len(losses), "train/prm_pairwise_acc": pairwise_accuracy(seq, outcome, k)})
@@ -408,7 +389,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
               "train/adv_mean": ((adv * mask).sum() / mask.sum()).item(), "train/return_std": ret[mask.bool()].std().item()})
     # 3. PPO-clip on old logprobs recomputed by the trained policy (not the generator's)
     with torch.no_grad():
-        old = logprobs_chunked(policy, batch, rows, args.micro_batch, pad, dev)
+        old = torch.cat([logprobs_of(policy, batch, mb, pad, dev) for mb in _micro(rows, args.micro_batch)])
     if "gen_logp" in batch:  # the generator's own weights (vLLM, FSDP's HF copy) vs the trained policy's
         m["rollout/logprob_diff"] = (((old - batch["gen_logp"]).abs() * mask).sum() / mask.sum()).item()
     clip_fracs, plosses = [], []
@@ -422,7 +403,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
             popt.zero_grad(set_to_none=True)
             loss = cf = 0.0
             for micro in _micro(mb, args.micro_batch):  # gradient accumulation: one backward per micro-batch
-                lp = logprobs_chunked(policy, batch, micro, len(micro), pad, dev, grad=True)
+                lp = logprobs_of(policy, batch, micro, pad, dev)
                 part, c = ppo_loss(lp, old[micro], adv[micro], mask[micro], args.clip_eps)
                 (part * len(micro) / len(mb)).backward()
                 loss, cf = loss + part.item() * len(micro) / len(mb), cf + c.item() * len(micro) / len(mb)
@@ -507,7 +488,7 @@ def main(args: Args) -> dict:
     if args.process_rewards not in ("implicit", "none", "oracle") or args.ref_type not in ("freeze", "policy"):
         raise ValueError("--process_rewards implicit|none|oracle, --ref_type freeze|policy")
     if args.process_rewards == "oracle" and not toy:
-        raise ValueError("--process_rewards oracle needs the toy world's exact checker (leave --model empty)")
+        raise ValueError("--process_rewards oracle needs the toy world's checker (leave --model empty)")
     problems = load_problems(args.data)
     test = load_problems(args.eval_data, args.n_eval_problems or None) if args.eval_data else []
     if dist.main:
@@ -536,12 +517,10 @@ def main(args: Args) -> dict:
             raise ValueError(f"--prm_init {args.prm_init}: not an implicit verifier dir (kind {meta.get('kind')!r})")
         ref_dir = Path(meta["reference"])
         src.update(prm=args.prm_init, reference=str(ref_dir if ref_dir.is_absolute() else Path(args.prm_init) / ref_dir))
-    elif args.prm_init:  # a causal LM (a larger model with the policy's tokenizer): the PRM and its reference start there
-        if not (Path(args.prm_init) / "config.json").exists():
-            raise ValueError(f"--prm_init {args.prm_init}: neither an implicit verifier dir nor a model dir")
-        if AutoTokenizer.from_pretrained(args.prm_init).get_vocab() != tok.get_vocab():
-            raise ValueError(f"--prm_init {args.prm_init}: its tokenizer is not the policy's (the PRM scores the "
-                             "policy's token ids)")
+    elif args.prm_init:  # a causal LM with the policy's tokenizer (a larger one): the PRM and its reference from it
+        if not (Path(args.prm_init) / "config.json").exists() or \
+                AutoTokenizer.from_pretrained(args.prm_init).get_vocab() != tok.get_vocab():
+            raise ValueError(f"--prm_init {args.prm_init}: not an implicit verifier dir nor an LM with the policy's tokenizer")
         src.update(prm=args.prm_init, reference=args.prm_init)
     names = ("policy", "prm") + (("reference",) if args.ref_type == "freeze" else ())  # "policy": no reference held
     for name in names:  # one at a time: a rank holds one whole model at most
@@ -577,8 +556,7 @@ def main(args: Args) -> dict:
     rollouts = results.get("rollouts", 0)
     desc = {"implicit": "PRIME", "none": "RLOO", "oracle": "RLOO + exact process rewards"}[args.process_rewards]
     last_eval = None  # the evaluation of the last step, which is the final one
-    bar = tqdm(range(start, args.steps), desc=desc, disable=not dist.main,
-               initial=start, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc=desc, disable=not dist.main, initial=start, total=args.steps)
     for step in bar:
         t = time.time()
         unwrap(policy).eval()

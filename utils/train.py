@@ -221,9 +221,10 @@ def write_json(path: str | Path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------- RL trainers' plumbing
-def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, device):
-    """log pi(y_t | x, y_<t) of each response token, (B, T) right-padded, and its mask (B, T)."""
-    T = max(1, max(len(r) for r in responses))
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, device, width: int = 0):
+    """log pi(y_t | x, y_<t) of each response token, (B, T) right-padded (T: the longest response, or `width`
+    when given), and its mask (B, T)."""
+    T = max(1, width or max(len(r) for r in responses))
     L = max(len(p) + len(r) for p, r in zip(prompts, responses))
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)  # (B, L)
     att = torch.zeros((len(prompts), L), dtype=torch.long)
