@@ -21,7 +21,7 @@ sampled at pi's own states, each valued by rollouts) and the RL gain, for K in -
 No public code exists; defaults the paper states are marked (paper), the note's secondhand readings
 (paper, unverified), the rest are ours. The paper's RL settings (alpha_rl, the baseline of the process
 term, a KL penalty, the RL algorithm) are not in the text read here: alpha_rl 3 is the note's secondhand
-reading, the rest is ours and named below. Deviations:
+reading (the toy uses 1: at 3 its learned PAV-RL collapses), the rest is ours and named below. Deviations:
   1. One PAV model holds a head per prover (q_pi and q_mu@K for every K of --ks), trained together on the
      same prefixes; the paper trains one PAV per prover. The K sweep reads each head.
   2. Beam search picks its answer among the finished beams by Q^pi of the whole solution (the value of a
