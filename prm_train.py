@@ -56,7 +56,7 @@ from tqdm import tqdm
 from utils.data import build_prompt, first_error_truncate, load_problems, read_jsonl, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import grade
-from utils.train import (MetricsLog, amp, gather_lists, latest_checkpoint, run_main, save_checkpoint, seed_all,
+from utils.train import (MetricsLog, amp, gather_lists, git_commit, latest_checkpoint, run_main, save_checkpoint, seed_all,
                          setup_dist, unwrap, write_json)
 from utils.verifiers import (build_prm, collate, encode, first_error_prediction, load_verifier, make_batches,
                              processbench_f1)
@@ -110,7 +110,7 @@ class Args:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_len: int = field(default=2048, metadata={"help": "max tokens per solution; later steps are dropped (H4: 2048)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on GPU (the papers train in bf16)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast, GPU or CPU (the papers train in bf16)"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
     # evaluation and output
     eval_data: str = field(default="", metadata={"help": "ProcessBench-format JSONL {problem, steps, label} to "
@@ -124,10 +124,12 @@ class Args:
 
 
 # Toy scale (applied when --model is empty): exact step labels of 2,400 policy solutions, a PRM and an ORM fine-tuned
-# from the toy's 3.6M verifier base (lr 5e-4, one epoch: the 3.6M runs of docs/results/search.md), sized for a quickstart.
+# from the toy's 3.6M verifier base, sized for a second job of minutes. NOTE: the budget is what trains: two epochs at
+# 2,048 tokens a batch are about 490 optimizer steps at lr 1e-3 (lr x steps 0.49; toy ProcessBench F1 0.72), where one
+# epoch at 8,192 tokens and lr 5e-4 (75 steps, lr x steps 0.04) gave 0.50 (docs/results/prm_train.md).
 TOY = dict(labels="exact", n_problems=1200, samples_per_problem=2, temperature=1.0, rollout_temperature=0.7,
-           max_new_tokens=200, backend="hf", lr=5e-4, epochs=1.0, warmup_ratio=0.05, weight_decay=0.01,
-           batch_tokens=8192, max_len=1024, n_eval_problems=500, baselines="outcome")
+           max_new_tokens=200, backend="hf", lr=1e-3, epochs=2.0, warmup_ratio=0.05, weight_decay=0.01,
+           batch_tokens=2048, max_len=1024, n_eval_problems=500, baselines="outcome")
 
 
 # ----------------------------------------------------------------------------- the PRM's verifier.json
@@ -361,7 +363,7 @@ def main(args: Args):
     out = Path(args.out_dir)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", asdict(args))
+        write_json(out / "config.json", asdict(args) | {"commit": git_commit()})
     log = MetricsLog(out, enabled=dist.main)
     toy = not args.model
     if toy:

@@ -35,7 +35,8 @@ Deviations from search-and-learn:
      engine and verifiers, and rank 0 merges; upstream runs one process per dataset shard by hand. The
      samples of a problem depend on its shard's batches, so W ranks draw other samples than one process.
 
-    python search.py                                    # toy world on CPU (needs python prm_train.py first)
+    python search.py                                    # toy world on CPU: the shipped toy PRM and ORM, the checker
+    python search.py --verifiers prm=runs/prm/exact,orm=runs/prm/outcome,oracle   # your own (python prm_train.py)
     python search.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --chat --data math500 \\
         --verifiers qwen=models/Qwen2.5-Math-PRM-7B,rlhf=models/Llama3.1-8B-PRM-Deepseek-Data:rlhflow
     torchrun --nproc_per_node 8 search.py --model MODEL --data math500 --verifiers prm=DIR --backend hf
@@ -70,8 +71,9 @@ class Args:
     chat: bool = field(default=False, metadata={"help": "prompt with the tokenizer's chat template"})
     verifiers: str = field(default="", metadata={"help": "comma list of name=DIR (any verifier dir; DIR:FORMAT for a "
                                                          "public PRM without verifier.json: qwen-prm | math-shepherd | "
-                                                         "rlhflow | trl) and oracle (toy default: "
-                                                         "prm=runs/prm/exact,orm=runs/prm/outcome,oracle)"})
+                                                         "rlhflow | trl), oracle and, on the toy, shipped:prm / "
+                                                         "shipped:orm (the toy verifiers in utils/toy_weights; toy "
+                                                         "default: prm=shipped:prm,orm=shipped:orm,oracle)"})
     verifier_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     verifier_device_map: str = field(default="", metadata={"help": "'auto': spread each PRM over the visible GPUs "
                                                                    "(a 72B PRM; needs accelerate)"})
@@ -96,7 +98,7 @@ class Args:
 
 
 TOY = dict(n_problems=100, search_ns="4,8,16", max_depth=6, max_new_tokens=160, temperature=1.0, backend="hf",
-           verifiers="prm=runs/prm/exact,orm=runs/prm/outcome,oracle")
+           verifiers="prm=shipped:prm,orm=shipped:orm,oracle")
 SEARCHES = ("beam", "dvts")
 
 
@@ -229,11 +231,14 @@ def main(args: Args):
         tdir = Path(args.toy_dir) if args.toy_dir else ensure_toy()
         args.model, args.data = str(tdir / "policy"), args.data or str(tdir / "test.jsonl")
     spec = parse_verifiers(args.verifiers)
-    if "oracle" in spec.values() and not toy:
-        raise ValueError("the oracle verifier is the toy world's checker (leave --model empty, or drop it)")
+    if not toy and any(p == "oracle" or p.startswith("shipped:") for p in spec.values()):
+        raise ValueError("oracle and shipped:* are the toy world's verifiers (leave --model empty, or drop them)")
+    if toy:
+        from utils.toy import resolve_toy_verifiers
+        spec = resolve_toy_verifiers(spec, tdir)
     for name, path in spec.items():
         if path != "oracle" and not Path(split_format(path)[0]).is_dir():
-            raise FileNotFoundError(f"verifier {name}: no dir {path!r}" + (" (run `python prm_train.py` first)" if toy else ""))
+            raise FileNotFoundError(f"verifier {name}: no dir {path!r}")
     guide = [g for g in (args.guide.split(",") if args.guide else spec) if g]
     if set(guide) - set(spec):
         raise ValueError(f"--guide names {sorted(set(guide) - set(spec))}, not in --verifiers {list(spec)}")

