@@ -175,10 +175,17 @@ def test_shipped_record_matches_the_loader():
         assert toy.shipped_name(cfg) == name
     for name, m in rec.items():
         assert hashlib.sha256((toy.SHIPPED / name / "model.safetensors").read_bytes()).hexdigest() == m["sha256"], name
-        assert m["command"].startswith("python -m utils.toy") and m["commit"] and m["machine"]
+        assert m["commit"] and m["machine"]
+        if m["kind"] == "verifier":  # prm_train.py's recipe, then --ship_verifiers (bf16: the weights that were scored)
+            assert m["command"].startswith(f"python prm_train.py --config {toy.VERIFIER_RECIPE} && python -m utils.toy")
+            assert m["dtype"] == "bfloat16" and m["policy_sha256"] == rec["policy"]["sha256"]
+            assert 0 < m["calibration"]["toy_processbench_f1"] <= 1 and m["optimizer"]["steps"] >= 1000
+        else:
+            assert m["command"].startswith("python -m utils.toy")
+            assert m["dtype"] == "float32"  # exactly the weights that were calibrated
     for name in ("policy", "verifier_base"):
         assert set(toy.TARGETS) <= set(rec[name]["calibration"])
-    assert all(m["dtype"] == "float32" for m in rec.values())  # exactly the weights that were calibrated
+    assert set(toy.TOY_VERIFIERS) <= set(rec) and (ROOT / toy.VERIFIER_RECIPE).exists()
     assert toy.shipped_name(toy.ToyConfig(seed=1)) is None  # any other config is built, not shipped
 
 
@@ -212,6 +219,37 @@ def test_shipped_world_lays_out_without_building(tmp_path):
     calib = json.loads((Path(d) / "calibration.json").read_text())
     assert calib["source"] == "shipped:policy" and calib["greedy_acc"] == rec["policy"]["calibration"]["greedy_acc"]
     assert len((Path(d) / "test.jsonl").read_text().splitlines()) == toy.ToyConfig().n_test
+
+
+def test_shipped_verifiers_lay_out_and_read_the_checker_s_errors(tmp_path, tiny_toy_dir):
+    """The shipped PRM and ORM lay out from utils/toy_weights (hash checked), load as verifier dirs, and on hand-made
+    solutions score the right one above its wrong variants; `shipped:` specs resolve; a built world has none."""
+    rec = _shipped_or_skip()
+    env = {**os.environ, "STEPWISE_CACHE": str(tmp_path)}
+    code = ("import sys, json; sys.path.insert(0, '.'); import utils.toy as T\n"
+            "d = T.ensure_toy(); print(json.dumps({k: str(v) for k, v in T.resolve_toy_verifiers("
+            "{'a': 'shipped:prm', 'b': 'shipped:orm', 'c': 'oracle'}, d).items()}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    dirs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert dirs["c"] == "oracle" and Path(dirs["a"]).parent == Path(dirs["b"]).parent
+    import hashlib
+
+    from utils.verifiers import aggregate, load_verifier
+    p = "Ana has 6 pens. Ana buys 4 more. Ana then has twice as many. How many pens does Ana have now?"
+    right = ["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 * 2 = 20.", "The answer is \\boxed{20}."]
+    wrong = [["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 + 2 = 12.", "The answer is \\boxed{12}."],
+             ["Ana buys 4 more, so 6 + 4 = 11.", "Twice as many is 11 * 2 = 22.", "The answer is \\boxed{22}."],
+             ["Twice as many is 6 * 2 = 12.", "The answer is \\boxed{12}."]]
+    for name, key in (("prm", "a"), ("orm", "b")):
+        got = Path(dirs[key])
+        assert hashlib.sha256((got / "model.safetensors").read_bytes()).hexdigest() == rec[name]["sha256"]
+        scores = [aggregate(s, "min") for s in load_verifier(str(got), "cpu").score([p] * 4, [right] + wrong)]
+        assert all(scores[0] > s for s in scores[1:]), (name, scores)
+    with pytest.raises(ValueError, match="not the shipped toy world"):
+        toy.ensure_toy_verifiers(tiny_toy_dir)
+    with pytest.raises(ValueError, match="unknown shipped verifier"):
+        toy.resolve_toy_verifiers({"x": "shipped:pav"}, tiny_toy_dir)
 
 
 def test_calibrate_and_rebuild_flags(tmp_path):

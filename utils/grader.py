@@ -199,6 +199,7 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", ",", s)  # "2 \\text{ and } 3" -> "2,3"
     s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*(?!and\b|or\b|[AaPp]\.?[Mm]\.?\s*\})[A-Za-z][A-Za-z ]*\}"
                r"(?:\^\{?[23]\}?)?", r"\1", s)  # 65 \text{ tickets} (not "7:15 \text{ PM}")
+    s = _TRIG_DEG.sub(r"\\\1(\2\\pi/180)", s)  # "\\cos 70^\\circ" -> "\\cos(70\\pi/180)": the angle in radians
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
     s = _unwrap_text(s)
     s = re.sub(r"\\(?:le|leq|leqslant)(?![a-z])", "<=", s)
@@ -214,6 +215,7 @@ def normalize(s: str) -> str:
     m = re.fullmatch(r"\s*([a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=\s*([^=<>]+)", s)
     if m and not re.search(r"[a-zA-Z]", re.sub(r"\\(?:frac|sqrt|pi|infty|pm|mp)", "", m.group(2))):
         s = m.group(2).strip()
+    s = _same_name_values(s)  # "x=1, x=2" (from "x = 1 or x = 2") -> "1,2"
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
     s = re.sub(r"_\{(\w)\}", r"_\1", s)
@@ -242,6 +244,21 @@ def normalize(s: str) -> str:
     if s.startswith("+") and len(s) > 1:
         s = s[1:]
     return s.replace("+\\infty", "\\infty").replace("inf", "\\infty") if s in ("inf", "+inf", "+\\infty") else s
+
+
+_TRIG_DEG = re.compile(r"\\(sin|cos|tan|cot|sec|csc)\s*\(?\s*(\d+(?:\.\d+)?)\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|"
+                       r"\\degree)\s*\)?")
+
+
+def _same_name_values(s: str) -> str:
+    """'x=1,x=-2' -> '1,-2': a list of values each assigned to the same one-letter name (a root list)."""
+    items = _split_top(s) if "=" in s and "," in s else None
+    pairs = [re.fullmatch(r"([a-zA-Z])\s*=\s*([^=<>]+)", x.strip()) for x in items or []]
+    if len(pairs) < 2 or not all(pairs) or len({p.group(1) for p in pairs}) != 1:
+        return s
+    if any(re.search(r"[a-zA-Z]", re.sub(r"\\(?:frac|sqrt|pi|infty|pm|mp)", "", p.group(2))) for p in pairs):
+        return s
+    return ",".join(p.group(2).strip() for p in pairs)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -342,6 +359,8 @@ def _structure(s: str):
         items = _split_top(s[2:-2])
         if items is not None:  # else "\\{1,2\\},\\{3\\}": a list of sets, below
             return "set", items
+    if s.startswith("{") and _braced(s, 0) == s[1:-1] and (items := _split_top(s[1:-1])) and len(items) > 1:
+        return "set", items  # bare braces "{3,1,2}": a set too
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
         inner = s[1:-1]
         if _split_top(inner) is not None and _balanced(inner):
@@ -350,6 +369,9 @@ def _structure(s: str):
                 return "bracket" + s[0] + s[-1], items
     items = _split_top(s)
     if items is not None and len(items) > 1:
+        return "list", items
+    items = _split_top(s, ";") if items is not None and "=" not in s else None  # "1; 2", "(1,2); (3,4)"
+    if items and len(items) > 1 and _balanced(s):
         return "list", items
     return None
 
@@ -436,8 +458,8 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
     if nb and nb[1] and not na:
         return False
     sa_, sb_ = _SUM.fullmatch(a), _SUM.fullmatch(b)
-    if sa_ and sb_ and sa_.group(1) == sb_.group(1):  # the same \\sum_{k=0}^{n}: compare the summands
-        return _equiv(sa_.group(2), sb_.group(2), deadline, depth + 1)
+    if sa_ and sb_ and _bounds(sa_.group(1)) == _bounds(sb_.group(1)):  # the same \\sum_{k=0}^{n}: the summands
+        return _equiv(_product(sa_.group(2)), _product(sb_.group(2)), deadline, depth + 1)
     ta, tb = _to_time(a), _to_time(b)
     if ta is not None and tb is not None:  # "9:05:00" == "9:05", "7:15PM" == "19:15"
         return ta == tb
@@ -451,6 +473,9 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
         return _equiv(a, lb.group(2), deadline, depth + 1)
     if la and lb and la.group(1) != lb.group(1) and _equiv(la.group(2), lb.group(2), deadline, depth + 1):
         return True  # "y=t^2" vs "g(t)=t^2": the same value under two labels
+    oa, ob = _OP_EQ.fullmatch(a), _OP_EQ.fullmatch(b)
+    if oa and ob and oa.group(1) == ob.group(1):  # "y=\\sum_{k=1}^{n}x^kk" vs "y=\\sum_{k=1}^nkx^k": the sides
+        return _equiv(oa.group(2), ob.group(2), deadline, depth + 1)
     fa, fb = _FUNC_EQ.fullmatch(a), _FUNC_EQ.fullmatch(b)
     if fa and fb and fa.group(1) == fb.group(1) and fa.group(2) != fb.group(2):  # "f(y)=y" vs "f(x)=x"
         rhs = re.sub(rf"(?<![\\a-zA-Z]){fa.group(2)}(?![a-zA-Z])", fb.group(2), fa.group(3))
@@ -479,7 +504,9 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
         if not (sa and sb):
             return False
         (ka, xa), (kb, xb) = sa, sb
-        if ka == kb == "set":  # a set lists each member once: {1,1,2} == {1,2}
+        tuples = ka == kb == "list" and all((_structure(normalize(x)) or ("",))[0] == "bracket()" for x in xa + xb)
+        if ka == kb == "set" or tuples:  # a set lists each member once: {1,1,2} == {1,2}; so does a list of
+            # tuples (the solutions of a system: "(1,2),(3,4),(1,2)" == "(3,4),(1,2)")
             xa, xb = list(dict.fromkeys(normalize(x) for x in xa)), list(dict.fromkeys(normalize(x) for x in xb))
         unordered = {"set", "list", "union"}
         if {ka, kb} == {"list", "bracket()"} and kb == "list":  # gold "1,2,3" listed, pred "(1,2,3)"
@@ -499,11 +526,23 @@ def _equiv(a: str, b: str, deadline: float, depth: int = 0) -> bool:
 
 _FUNC_EQ = re.compile(r"([a-zA-Z])\(([a-z])\)=([^=]+)")
 # a label on the left of a gold's "=": a name, a function value, |PQ|, a ratio of names, a fraction of names
-_LABEL = (r"[A-Za-z]{1,4}(?:_\{?\w+\}?)?(?:\([a-z]\))?|\|[A-Za-z]{1,4}\||[A-Za-z]{1,3}(?::[A-Za-z]{1,3})+"
+_PART = r"(?:[A-Za-z]{1,3}(?:_\{?\w+\}?)?|\\overline\{[A-Za-z]{1,3}\}|\[[A-Za-z]{1,4}\]|\|[A-Za-z]{1,3}\|)"  # of a ratio
+_LABEL = (rf"[A-Za-z]{{1,4}}(?:_\{{?\w+\}}?)?(?:\([a-z]\))?|\|[A-Za-z]{{1,4}}\||{_PART}(?::{_PART})+"
           r"|\\frac\{[A-Za-z]{1,4}\}\{[A-Za-z]{1,4}\}")
 _LABELLED = re.compile(rf"({_LABEL})=([^=<>]+)")
 _INEQ = re.compile(r"<|>")
+_OP_EQ = re.compile(r"([A-Za-z]{1,4}(?:\([a-z]\))?)=(\\(?:sum|prod)_.+)")  # a name = a big operator (its bounds hold "=")
 _SUM = re.compile(r"(\\(?:sum|prod)_(?:\{[^{}]*\}|\w)\^(?:\{[^{}]*\}|\w))(.+)")
+
+
+def _bounds(op: str) -> str:
+    """A big operator's bounds without braces around one token: "\\sum_{i=0}^{n}" == "\\sum_{i=0}^n"."""
+    return re.sub(r"([_^])\{(\w)\}", r"\1\2", op)
+
+
+def _product(s: str) -> str:
+    """A summand's run of one-letter symbols as a product: "xk" -> "x*k", "ba_i" -> "b*a_i" (commands kept whole)."""
+    return re.sub(r"\\[a-zA-Z]+|[a-zA-Z]{2,}", lambda m: m.group(0) if m.group(0)[0] == "\\" else "*".join(m.group(0)), s)
 
 
 def _solutions(s: str):

@@ -22,17 +22,18 @@ _LATEX_FUNCS = {"\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\cot": "cot", 
 
 
 def latex_to_sympy_str(s: str) -> str:
-    """A small LaTeX -> sympy-expression-string translation (fractions, roots, powers, functions)."""
+    """A small LaTeX -> sympy-expression-string translation (fractions, binomials, roots, powers, functions)."""
     s = s.replace("\\{", "(").replace("\\}", ")")
-    while "\\frac" in s:
-        i = s.find("\\frac")
-        j = i + 5
-        num = _braced(s, j) if j < len(s) and s[j] == "{" else None
-        k = j + len(num) + 2 if num is not None else -1
-        den = _braced(s, k) if num is not None and k < len(s) and s[k] == "{" else None
-        if den is None:
-            raise ValueError("bad \\frac")
-        s = s[:i] + f"(({num})/({den}))" + s[k + len(den) + 2:]
+    for cmd, form in (("\\frac", "(({})/({}))"), ("\\binom", "(binomial(({}),({})))")):  # two brace arguments
+        while cmd in s:
+            i = s.find(cmd)
+            j = i + len(cmd)
+            num = _braced(s, j) if j < len(s) and s[j] == "{" else None
+            k = j + len(num) + 2 if num is not None else -1
+            den = _braced(s, k) if num is not None and k < len(s) and s[k] == "{" else None
+            if den is None:
+                raise ValueError(f"bad {cmd}")
+            s = s[:i] + form.format(num, den) + s[k + len(den) + 2:]
     base = r"\\log_(?:\{(\w+)\}|(\w))\s*"
     s = re.sub(base + r"\(([^()]*)\)", r"log((\3),(\1\2))", s)  # \log_{10}(2) -> log(2, 10)
     s = re.sub(base + r"(\w+)", r"log((\3),(\1\2))", s)  # \log_2 8

@@ -876,7 +876,8 @@ def ship_verifiers(run_dir: Path, log=print) -> None:
             "kind": "verifier", "labels": src, "from": "verifier_base", "policy_sha256": rec["models"]["policy"]["sha256"],
             "params": sum(t.numel() for t in w.values()), "dtype": "bfloat16",
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "command": f"python prm_train.py --config {VERIFIER_RECIPE} && python -m utils.toy --ship_verifiers {run_dir}",
+            "command": f"python prm_train.py --config {VERIFIER_RECIPE} && python -m utils.toy --ship_verifiers "
+                       "runs/toy_verifiers",
             "config": {k: cfg[k] for k in cfg if k not in ("model", "data", "init", "toy_dir", "out_dir", "commit")},
             "optimizer": {"steps": meta["train_steps"], "lr": cfg["lr"], "lr_x_steps": cfg["lr"] * meta["train_steps"],
                           "solutions": meta["train_solutions"], "tags": meta["train_tags"]},
