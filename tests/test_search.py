@@ -148,6 +148,9 @@ def test_bad_settings_fail_before_any_generation(tmp_path):
                             str(tmp_path / "o")] + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
     assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "search.py", "--model", str(tmp_path / "no_model"), "--out_dir", str(tmp_path / "o"),
+                        "--verifiers", "prm=shipped:prm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "shipped:* are the toy world's verifiers" in r.stderr, r.stderr[-1500:]
 
 
 def test_torchrun_shards_problems_and_rank0_merges(tiny_toy_dir, tmp_path):

@@ -222,8 +222,9 @@ def test_shipped_world_lays_out_without_building(tmp_path):
 
 
 def test_shipped_verifiers_lay_out_and_read_the_checker_s_errors(tmp_path, tiny_toy_dir):
-    """The shipped PRM and ORM lay out from utils/toy_weights (hash checked), load as verifier dirs, and on hand-made
-    solutions score the right one above its wrong variants; `shipped:` specs resolve; a built world has none."""
+    """The shipped PRM and ORM lay out from utils/toy_weights (hash checked), load as verifier dirs, and rank right
+    solutions of test problems above ones written with the toy's errors; `shipped:` specs resolve; a built world
+    has none."""
     rec = _shipped_or_skip()
     env = {**os.environ, "STEPWISE_CACHE": str(tmp_path)}
     code = ("import sys, json; sys.path.insert(0, '.'); import utils.toy as T\n"
@@ -235,17 +236,19 @@ def test_shipped_verifiers_lay_out_and_read_the_checker_s_errors(tmp_path, tiny_
     assert dirs["c"] == "oracle" and Path(dirs["a"]).parent == Path(dirs["b"]).parent
     import hashlib
 
-    from utils.verifiers import aggregate, load_verifier
-    p = "Ana has 6 pens. Ana buys 4 more. Ana then has twice as many. How many pens does Ana have now?"
-    right = ["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 * 2 = 20.", "The answer is \\boxed{20}."]
-    wrong = [["Ana buys 4 more, so 6 + 4 = 10.", "Twice as many is 10 + 2 = 12.", "The answer is \\boxed{12}."],
-             ["Ana buys 4 more, so 6 + 4 = 11.", "Twice as many is 11 * 2 = 22.", "The answer is \\boxed{22}."],
-             ["Twice as many is 6 * 2 = 12.", "The answer is \\boxed{12}."]]
-    for name, key in (("prm", "a"), ("orm", "b")):
+    from utils.data import read_jsonl
+    from utils.verifiers import aggregate, auc, load_verifier
+    test = read_jsonl(Path(dirs["a"]).parents[1] / "test.jsonl")[:80]  # each right, and written with errors
+    rng, errors = random.Random(0), {"misread": 0.5, "distractor": 0.5, "skip": 0.3, "slip": 0.3}
+    sols = [toy.solve(p, rng, errors=e) if e else toy.solve(p) for p in test for e in (None, errors)]
+    probs = [p["problem"] for p in test for _ in range(2)]
+    right = [float(toy.check_steps(q, s).first_error == -1) for q, s in zip(probs, sols)]
+    assert 40 < sum(right) < len(right)
+    for name, key, floor in (("prm", "a", 0.75), ("orm", "b", 0.65)):  # measured: 0.80 and 0.76
         got = Path(dirs[key])
         assert hashlib.sha256((got / "model.safetensors").read_bytes()).hexdigest() == rec[name]["sha256"]
-        scores = [aggregate(s, "min") for s in load_verifier(str(got), "cpu").score([p] * 4, [right] + wrong)]
-        assert all(scores[0] > s for s in scores[1:]), (name, scores)
+        scores = [aggregate(s, "min") for s in load_verifier(str(got), "cpu").score(probs, sols)]
+        assert auc(scores, right) > floor, (name, auc(scores, right))
     with pytest.raises(ValueError, match="not the shipped toy world"):
         toy.ensure_toy_verifiers(tiny_toy_dir)
     with pytest.raises(ValueError, match="unknown shipped verifier"):

@@ -883,7 +883,7 @@ def ship_verifiers(run_dir: Path, log=print) -> None:
                           "solutions": meta["train_solutions"], "tags": meta["train_tags"]},
             "calibration": {"toy_processbench_f1": f1["f1"], "acc_erroneous": f1["acc_erroneous"],
                             "acc_correct": f1["acc_correct"], "float32_f1": trained[f"eval/{src}"]["f1"],
-                            "n_samples": len(bench), "train_seconds": trained.get("wall_s")},
+                            "n_samples": len(bench), "run_wall_s": trained.get("wall_s")},
             "commit": cfg.get("commit", "")} | _machine()
         log(f"{name}: toy ProcessBench F1 {f1['f1']:.3f} stored in bf16 (float32: {trained[f'eval/{src}']['f1']:.3f})")
     (SHIPPED / "BUILD.json").write_text(json.dumps(rec, indent=1) + "\n")
