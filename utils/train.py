@@ -218,7 +218,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def git_commit() -> str:
     """The repository's HEAD commit ("" outside a git checkout): what a record's figures were made with."""
     import subprocess
-    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:  # no git on this machine
+        return ""
     return r.stdout.strip() if r.returncode == 0 else ""
 
 
