@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from utils.data import build_prompt, load_problems, read_jsonl, resolve_data, split_steps
 from utils.grader import extract_answer, is_equiv
-from utils.train import run_main, setup_dist, write_json
+from utils.train import close_dist, run_main, setup_dist, write_json
 from utils.verifiers import (AnswerGroups, aggregate, best_of_n, first_error_prediction, load_verifier,
                              processbench_f1, split_format, weighted_vote)
 
@@ -310,8 +310,7 @@ def main(args: Args):
                 write_jsonl(pb_path, toy_processbench(gen, test, args.chat, 1.0, args.max_new_tokens, args.seed))
         del gen
     if not dist.main:
-        if dist.on:
-            torch.distributed.destroy_process_group()
+        close_dist(dist)
         return
 
     # 2. the verifier on ProcessBench files, and on the toy ProcessBench with its two reference points
@@ -354,8 +353,7 @@ def main(args: Args):
     (out / "results.md").write_text(md)
     print(md)
     plot_k(bench or ({results.get("benchmark", "run"): results} if "pass@1" in results else {}), out)
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ from tqdm import tqdm
 from utils.data import STEP_SEP, build_prompt, load_problems, read_jsonl, split_steps, step_spans, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade, is_equiv
-from utils.train import (MetricsLog, all_reduce, amp, barrier, full_state, gather_in_order, gather_lists, rank_share,
-                         run_main, seed_all, setup_dist, shard, token_logprobs, unwrap, write_json)
+from utils.train import (MetricsLog, all_reduce, amp, barrier, close_dist, full_state, gather_in_order, gather_lists,
+                         rank_share, run_main, seed_all, setup_dist, shard, token_logprobs, unwrap, write_json)
 from utils.verifiers import (AnswerGroups, PAVVerifier, ValueHeadLM, auc, collate, make_batches, majority,
                              prefix_positions)
 
@@ -865,8 +865,7 @@ def main(args: Args) -> dict:
     if dist.main:
         (out / "results.md").write_text(md)
         print(md)
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
     return res
 
 

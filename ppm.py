@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.data import CODE_PROMPT, read_jsonl, write_jsonl
-from utils.train import Dist, MetricsLog, amp, full_state, gather_lists, run_main, seed_all, setup_dist, shard, write_json
+from utils.train import (Dist, MetricsLog, amp, close_dist, full_state, gather_lists, run_main, seed_all, setup_dist,
+                         shard, write_json)
 from utils.verifiers import ValueHeadLM, collate, encode, make_batches
 
 OBJECTIVES = ("ppm", "pqm", "orm")
@@ -372,8 +373,7 @@ def main(args: Args) -> dict:
     if dist.main:
         write_json(out / "results.json", res)
         print(json.dumps(res), flush=True)
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
     return res
 
 

@@ -55,8 +55,8 @@ from tqdm import tqdm
 from utils.data import build_prompt, load_problems, read_jsonl, split_steps, step_spans
 from utils.generation import load_backend, vllm_available
 from utils.grader import grade
-from utils.train import (MetricsLog, all_reduce, full_state, load_optimizer, run_main, seed_all, setup_dist, shard,
-                         token_logprobs, unwrap, write_json)
+from utils.train import (MetricsLog, all_reduce, close_dist, full_state, load_optimizer, run_main, seed_all, setup_dist,
+                         shard, token_logprobs, unwrap, write_json)
 from utils.verifiers import read_meta
 
 
@@ -604,8 +604,7 @@ def main(args: Args) -> dict:
         save_verifier(out, prm, ref if ref is not None else policy, tok, args, (weights[1], weights[-1 if ref is not None else 0]))
         write_json(out / "results.json", results)
         print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
     return results
 
 

@@ -56,8 +56,8 @@ from tqdm import tqdm
 from utils.data import build_prompt, first_error_truncate, load_problems, read_jsonl, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import grade
-from utils.train import (MetricsLog, amp, gather_lists, git_commit, latest_checkpoint, run_main, save_checkpoint, seed_all,
-                         setup_dist, unwrap, write_json)
+from utils.train import (MetricsLog, amp, close_dist, gather_lists, git_commit, latest_checkpoint, run_main,
+                         save_checkpoint, seed_all, setup_dist, unwrap, write_json)
 from utils.verifiers import (build_prm, collate, encode, first_error_prediction, load_verifier, make_batches,
                              processbench_f1)
 
@@ -495,8 +495,7 @@ def main(args: Args):
         results["wall_s"] = time.time() - t0
         write_json(out / "eval.json", results)
         print(json.dumps({k: v for k, v in results.items() if not k.startswith("eval/")}, indent=2))
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
 
 
 if __name__ == "__main__":

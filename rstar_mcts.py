@@ -77,8 +77,9 @@ from utils.data import read_jsonl, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, grade
 from utils.sandbox import require_isolation, run_many
-from utils.train import (Dist, MetricsLog, all_reduce, amp, barrier, child_group_env, full_state, gather_in_order,
-                         gather_lists, rank_share, run_main, seed_all, setup_dist, shard, unwrap, write_json)
+from utils.train import (Dist, MetricsLog, all_reduce, amp, barrier, child_group_env, close_dist, full_state,
+                         gather_in_order, gather_lists, rank_share, run_main, seed_all, setup_dist, shard, unwrap,
+                         write_json)
 from utils.verifiers import load_verifier
 
 
@@ -814,8 +815,7 @@ def main(args: Args) -> dict:
         table = report(res, args)
         (out / "results.md").write_text(table)
         print(table)
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
     return res
 
 

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from utils.data import build_prompt, load_problems, split_steps, write_jsonl
 from utils.generation import load_backend
 from utils.grader import extract_answer, is_equiv
-from utils.train import gather_lists, run_main, seed_all, setup_dist, write_json
+from utils.train import close_dist, gather_lists, run_main, seed_all, setup_dist, write_json
 from utils.verifiers import (AnswerGroups, aggregate, best_of_n, load_verifier, majority, parse_verifiers,
                              split_format, weighted_vote)
 
@@ -324,7 +324,7 @@ def main(args: Args):
                                  "per_problem": per_problem, "ledgers": ledgers, "too_long": too_long,
                                  "verifier_tokens": {k: v.tokens for k, v in verifiers.items()}}])
     if not dist.main:
-        torch.distributed.destroy_process_group()
+        close_dist(dist)
         return
     order = [i for sh in shard for i in sh["idx"]]
     rank_of = sorted(range(len(order)), key=order.__getitem__)  # merged position -> original problem order
@@ -369,8 +369,7 @@ def main(args: Args):
     (out / "scaling.md").write_text(table)
     print(table)
     plot(res, ns, rows, out)
-    if dist.on:
-        torch.distributed.destroy_process_group()
+    close_dist(dist)
 
 
 def cache_check(args, texts, prompts, verifier) -> dict:

@@ -140,6 +140,15 @@ def barrier(dist: Dist | None) -> None:
         torch.distributed.barrier()
 
 
+def close_dist(dist: Dist) -> None:
+    """End a torchrun process group: every rank waits for the others first, so that no rank tears down
+    its gloo/NCCL connections while another still writes or reads them (a rank that leaves early can
+    abort with 'terminate called without an active exception'). Nothing in one process."""
+    if dist.on and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank_share(items: list, dist: Dist) -> list:
     """This rank's share of a list (every world-th item from its rank); all of it in one process."""
     return items[dist.rank::dist.world] if dist.on else items
