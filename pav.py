@@ -14,9 +14,13 @@ solution's value is its outcome whatever the prover does), and the process term 
 the mean of the other samples' A^mu at the same step (per prompt; unbiased, and a constant added to every
 step cancels). The control `--values mc` replaces the PAV's Q^pi and Q^mu by fresh Monte-Carlo rollouts of the
 base policy (the data stage's estimator) in beam search and in RL: the paper's quantities without the
-verifier's error. Theorem 3.1 says a prover helps when its advantages vary across the actions pi takes at a
-state (distinguishability) and agree with A^pi (alignment); the K sweep measures both per state (actions
-sampled at pi's own states, each valued by rollouts) and the RL gain, for K in --ks.
+verifier's error, an estimate once m >= 16 (at m = K = 4 pass@4 of 4 rollouts is a 0/1 indicator). The toy's
+exact control `--values exact` takes the oracle prover's values instead (1 while no step so far is wrong, 0
+after: A = -1 on the first wrong step, 0 elsewhere), through the same process terms, step baseline and
+alpha, so the RL rows report the share of its gain each value source keeps; it needs no data or training
+(`python pav.py --stages rl --values exact`). Theorem 3.1 says a prover helps when its advantages vary across
+the actions pi takes at a state (distinguishability) and agree with A^pi (alignment); the K sweep measures both
+per state (actions sampled at pi's own states, each valued by rollouts) and the RL gain, for K in --ks.
 
 No public code exists; defaults the paper states are marked (paper), the note's secondhand readings
 (paper, unverified), the rest are ours. The paper's RL settings (alpha_rl, the baseline of the process
@@ -37,14 +41,17 @@ reading (the toy uses 1: at 3 its learned PAV-RL collapses), the rest is ours an
      gathered; PAV / ORM training and RL under DDP or FSDP2 (--shard). --backend vllm serves the data and
      search stages; RL samples with HF from the trained module itself (under FSDP: a copy synced each step).
   6. The K sweep re-encodes a state (a prefix of a seed rollout) from its step texts joined by the separator.
-  7. Toy-scale settings (TOY below) replace the defaults when --model is empty.
+  7. Toy-scale settings (TOY below) replace the defaults when --model is empty; the toy evaluates RL every 3
+     steps (192 samples, the grid of its sample-efficiency ratios) and leaves mc out of RL (--rl_values).
 
     python pav.py                                                      # toy world on CPU
+    python pav.py --stages rl --values exact                           # toy: outcome-only vs the exact control
     python pav.py --model MODEL_DIR --data train.jsonl --eval_data test.jsonl --n_problems 4000
     torchrun --nproc_per_node 8 pav.py --model MODEL_DIR --data train.jsonl --eval_data test.jsonl --bf16
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -110,7 +117,10 @@ class Args:
     kl: float = field(default=0.0, metadata={"help": "KL penalty to the base policy, k3 per token (the paper's: not in "
                                                    "the text read here; ours: off)"})
     values: str = field(default="learned,mc", metadata={"help": "value sources of the PAV beam and PAV-RL rows: learned "
-                                                              "(the PAV) and/or mc (fresh base-policy rollouts: the control)"})
+                                                              "(the PAV), mc (fresh base-policy rollouts: the control), "
+                                                              "exact (toy: the checker's values, the oracle prover)"})
+    rl_values: str = field(default="learned,mc,exact", metadata={"help": "which of --values also guide PAV-RL rows (the "
+                                                                        "toy leaves mc out: about 7 min a run at m = 16)"})
     value_rollouts: int = field(default=16, metadata={"help": "m: base-policy rollouts per prefix for --values mc in "
                                                             "search, >= prover_k (the data stage's estimator)"})
     rl_value_rollouts: int = field(default=0, metadata={"help": "m of --values mc in RL, >= prover_k (0: value_rollouts)"})
@@ -121,7 +131,8 @@ class Args:
     rl_prompts: int = field(default=64, metadata={"help": "prompts per RL step (ours)"})
     rl_k: int = field(default=4, metadata={"help": "rollouts per prompt; the RLOO group (ours)"})
     rl_lr: float = field(default=1e-6, metadata={"help": "policy AdamW lr, constant (ours)"})
-    rl_eval_every: int = field(default=10, metadata={"help": "test per-sample accuracy every N RL steps"})
+    rl_eval_every: int = field(default=10, metadata={"help": "test per-sample accuracy every N RL steps (the grid of "
+                                                           "the sample-efficiency ratio)"})
     rl_eval_samples: int = field(default=4, metadata={"help": "samples per test problem in the RL evaluation"})
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds of PAV-RL and outcome-only RL (K sweep: the first)"})
     stages: str = field(default="data,train,search,rl,sweep", metadata={"help": "stages to run (each is skipped when done)"})
@@ -138,8 +149,9 @@ class Args:
 # Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 31 minutes in all). alpha_rl 1: at 3 the learned
 # PAV's errors outweigh the outcome and its RL collapses on the toy (docs/results/pav.md, levers on RL).
 TOY = dict(alpha_rl=1.0, n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
-           max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=6, max_len=1024,
-           value_rollouts=8, rl_value_rollouts=4, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False)
+           max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=3, max_len=1024,
+           value_rollouts=8, rl_value_rollouts=16, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False,
+           values="learned,mc,exact", rl_values="learned,exact")
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -183,6 +195,14 @@ def process_terms(q_mu: list[float], outcome: float) -> list[float]:
     """A^mu_h for h = 1..H in RL from the prover's values of prefixes 0..H-1: the last step's Q^mu_H is the
     outcome itself (a finished solution is right or wrong whatever the prover would do)."""
     return progress(list(q_mu) + [outcome])
+
+
+def exact_values(first_error: int, n_steps: int) -> list[float]:
+    """The oracle prover's values of prefixes 0..H-1 (--values exact, toy only): 1 while no step so far is wrong,
+    0 from the first wrong step on (the toy's errors are never undone: a prover that never errs from a right
+    prefix reaches the answer, none reaches it from a wrong one). Through process_terms: A = -1 on the first
+    wrong step and 0 on every other step; a checked-right solution whose answer is wrong gets -1 on its last."""
+    return [1.0 if first_error < 0 or h <= first_error else 0.0 for h in range(n_steps)]
 
 
 def loo_step_baseline(a_mu: list[list[float]], k: int) -> list[list[float]]:
@@ -464,6 +484,26 @@ def mc_scorer(mc: MCValues, problems: list[dict], prompts: list[list[int]], alph
     return score
 
 
+def exact_scorer(problems: list[dict], prompts: list[list[int]], alpha: float, tok):
+    """Beam scores from the toy's checker (--values exact): an open candidate's value is exact_values' (1 while
+    none of its steps is wrong), its score that + alpha * (its value - its parent's); a finished candidate's
+    value is its outcome."""
+    from utils.toy import check_steps
+    seen = {}  # prefix ids -> its value (a parent was a candidate the iteration before; the prompt: 1)
+
+    def score(cands):
+        out = []
+        for i, parent, ids, steps, done in cands:
+            if done:
+                y = float(grade(tok.decode(ids[len(prompts[i]):], skip_special_tokens=True), str(problems[i]["answer"])))
+                out.append((y, y))
+                continue
+            q = seen.setdefault(tuple(ids), float(not steps or check_steps(problems[i]["problem"], steps).first_error < 0))
+            out.append((q + alpha * (q - seen.get(tuple(parent), 1.0)), q))
+        return out
+    return score
+
+
 def beam_search(gen, tok, problems: list[dict], prompts: list[list[int]], n: int, m: int, score, args: Args,
                 ledger: dict) -> list[str | None]:
     """Step-level beam search, batched over problems: N candidate first steps; each iteration keeps the N/M
@@ -555,6 +595,8 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
         beams.append(("mc_beam", args.mc_search_ns, lambda n: mc_scorer(mcs.setdefault(n, MCValues(
             gen, tok, args.value_rollouts, [args.prover_k], args, seed=args.seed + 1 + dist.rank)), test, prompts,
             args.alpha, args.prover_k, tok)))
+    if "exact" in values:
+        beams.append(("exact_beam", args.search_ns, lambda n: exact_scorer(test, prompts, args.alpha, tok)))
     for name, budgets, scorer in beams:
         for n in sorted(int(x) for x in budgets.split(",")):
             ledger, t = {"tokens": 0, "calls": 0}, time.time()
@@ -581,20 +623,21 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
     for name, budgets, _ in beams:
         if name == "qpi_beam":
             continue
-        pre = "pav" if name == "pav_beam" else "mc"
+        pre = name[: -len("_beam")]  # pav | mc | exact
         for n in sorted(int(x) for x in budgets.split(",")):  # against the ORM (and pass@N) at the nearest token count
             b = nearest(n, name)
             res[f"{pre}_vs_orm@{n}"] = {"orm_n": b, f"tokens_{pre}": res[f"tokens/{name}@{n}"],
                                         "tokens_orm": res[f"tokens/orm_bon@{b}"],
                                         "diff": list(paired_interval(per[f"{name}@{n}"], per[f"orm_bon@{b}"], seed=args.seed))}
-            if name == "mc_beam":  # both pick exactly: the search's own effect
-                res[f"mc_vs_pass@{n}"] = {"pass_n": b, "diff": list(paired_interval(per[f"{name}@{n}"], per[f"pass@{b}"],
+            if name in ("mc_beam", "exact_beam"):  # both pick exactly: the search's own effect
+                res[f"{pre}_vs_pass@{n}"] = {"pass_n": b, "diff": list(paired_interval(per[f"{name}@{n}"], per[f"pass@{b}"],
                                                                                     seed=args.seed))}
             elif f"qpi_beam@{n}" in per:
                 res[f"pav_vs_qpi@{n}"] = list(paired_interval(per[f"{name}@{n}"], per[f"qpi_beam@{n}"], seed=args.seed))
     best_n = max(ns, key=lambda b: res[f"orm_bon@{b}"])
     res["orm_best"] = {"n": best_n, "acc": res[f"orm_bon@{best_n}"], "tokens": res[f"tokens/orm_bon@{best_n}"]}
-    for pre, name, budgets in (("pav", "pav_beam", args.search_ns), ("mc", "mc_beam", args.mc_search_ns)):
+    for pre, name, budgets in (("pav", "pav_beam", args.search_ns), ("mc", "mc_beam", args.mc_search_ns),
+                               ("exact", "exact_beam", args.search_ns)):
         if f"{name}@{sorted(int(x) for x in budgets.split(','))[0]}" not in res:
             continue
         reach = [n for n in sorted(int(x) for x in budgets.split(",")) if res[f"{name}@{n}"] >= res["orm_best"]["acc"]]
@@ -606,21 +649,22 @@ def run_search(gen, tok, test_all: list[dict], pav: PAVVerifier, orm: PAVVerifie
 
 # ----------------------------------------------------------------------------- 4. RL
 def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int, out: Path, values, k: int | None,
-           dist, gen_base=None) -> dict:
+           dist, gen_base=None, pav_sha: str = "") -> dict:
     """Online RL from the base policy (Eq. 5): each step rl_prompts x rl_k rollouts at the temperature,
     graded; token weights (outcome - RLOO baseline) + alpha_rl * (A^mu of the token's step - its baseline),
     A^mu from `values` ("learned": the PAV's q_mu@k head; "mc": m fresh rollouts of the base policy from
-    every prefix, sampled by gen_base), else the outcome advantage alone; one AdamW step on the sequence-sum
-    loss (+ kl * KL to the base policy). Test per-sample accuracy every rl_eval_every steps. Under torchrun
+    every prefix, sampled by gen_base; "exact": the toy checker's exact_values), else the outcome advantage
+    alone; one AdamW step on the sequence-sum loss (+ kl * KL to the base policy). Test per-sample accuracy every rl_eval_every steps. Under torchrun
     each rank takes every world-th prompt of a step (DDP or FSDP2). Writes out/metrics.jsonl and
-    out/curve.json (a finished run with the same settings is read back)."""
+    out/curve.json (a finished run with the same settings, and for "learned" the same PAV weights, is read back)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    kind = "outcome" if values is None else "mc" if isinstance(values, str) else "learned"
+    kind = "outcome" if values is None else values if isinstance(values, str) else "learned"
     cfg = {x: getattr(args, x) for x in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
                                          "temperature", "n_eval_problems", "rl_loss", "kl")}
     cfg |= {x: getattr(args, x) for x in ("alpha_rl", "rl_baseline")} if values is not None else {}
     m_rl = args.rl_value_rollouts or args.value_rollouts
-    cfg |= {"values": kind, "value_rollouts": m_rl} if kind == "mc" else {}
+    cfg |= {"values": kind, "value_rollouts": m_rl} if kind == "mc" else {"values": kind} if kind == "exact" else {}
+    cfg |= {"values": kind, "pav_sha256": pav_sha} if kind == "learned" else {}  # reuse: the same PAV only
     if (out / "curve.json").exists() and json.loads((out / "curve.json").read_text()).get("config") == cfg:
         return json.loads((out / "curve.json").read_text())  # a finished run with these settings
     if args.rl_prompts % dist.world:
@@ -640,7 +684,7 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     log, curve, samples = MetricsLog(out, enabled=dist.main), [], 0
     if dist.main:
         (out / "metrics.jsonl").write_text("")
-    name = {"outcome": "outcome", "learned": f"pav@{k}", "mc": f"mc@{k}"}[kind]
+    name = {"outcome": "outcome", "learned": f"pav@{k}", "mc": f"mc@{k}", "exact": "exact"}[kind]
     bar = tqdm(range(args.rl_steps + 1), desc=f"RL {name} seed {seed}", leave=False, disable=not dist.main)
     amp_on = args.bf16 and not fsdp
     for step in bar:
@@ -672,6 +716,10 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
                 q_mu = [[] for _ in resp]
                 for (i, _), x in zip(pre, v):
                     q_mu[i].append(x[f"q_mu@{k}"])
+            elif kind == "exact":  # the oracle prover: 1 until the checker's first wrong step, 0 from it on
+                from utils.toy import check_steps
+                q_mu = [exact_values(check_steps(batch[i // args.rl_k]["problem"], st).first_error if st else -1, len(st))
+                        for i, (st, _) in enumerate(spans)]
             else:
                 vals = values.prefix_values([p["problem"] for p in batch for _ in range(args.rl_k)], [s[0] or [""] for s in spans])
                 q_mu = [x[f"q_mu@{k}"][:-1] for x in vals]
@@ -719,6 +767,26 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     return res
 
 
+def share_of_gain(curve: list, exact: list, outcome: list) -> tuple[float | None, float | None]:
+    """How much of the exact control's gain over outcome-only a value source keeps, from the mean (samples, acc)
+    curves: on the final accuracy, (signal - outcome) / (exact - outcome); on the samples saved to reach
+    outcome-only's final accuracy, (total - signal's) / (total - exact's) (0 if the signal never reaches it).
+    None where the control gains nothing to share."""
+    fin = (curve[-1][1] - outcome[-1][1]) / (exact[-1][1] - outcome[-1][1]) if exact[-1][1] > outcome[-1][1] else None
+    total, target = outcome[-1][0], outcome[-1][1]
+    need_e, need_s = samples_to_reach(exact[1:], target), samples_to_reach(curve[1:], target)
+    smp = (total - (need_s if need_s is not None else total)) / (total - need_e) if need_e is not None and need_e < total else None
+    return fin, smp
+
+
+def weights_sha256(d: Path) -> str:
+    """sha256 of a saved verifier's weight files (a finished RL run is reused only with the PAV it ran with)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(d).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _token_steps(n: int, ends: list[int]) -> list[int]:
     """The step index of each of n tokens, from the steps' end indices."""
     out, s = [], 0
@@ -751,17 +819,20 @@ def main(args: Args) -> dict:
     dist = setup_dist()
     seed_all(args.seed)
     out = Path(args.out_dir)
+    stages, values = set(args.stages.split(",")), set(filter(None, args.values.split(",")))
+    rl_values = values & set(filter(None, args.rl_values.split(",")))
+    if values - {"learned", "mc", "exact"} or set(filter(None, args.rl_values.split(","))) - {"learned", "mc", "exact"}:
+        raise ValueError(f"--values {args.values!r} / --rl_values {args.rl_values!r}: comma lists of learned, mc, exact")
+    if "exact" in values and args.model:
+        raise ValueError("--values exact needs the toy world's checker (leave --model empty)")
     if not args.model:
         from utils.toy import ensure_toy
         tdir = Path(args.toy_dir) if args.toy_dir else ensure_toy()
         args.model = str(tdir / "policy")
         args.data, args.eval_data = args.data or str(tdir / "train.jsonl"), args.eval_data or str(tdir / "test.jsonl")
     ks = sorted({int(x) for x in args.ks.split(",")} | {args.prover_k})
-    stages, values = set(args.stages.split(",")), set(filter(None, args.values.split(",")))
     if stages - {"data", "train", "search", "rl", "sweep"}:
         raise ValueError(f"--stages {args.stages!r}: a comma list of data, train, search, rl, sweep")
-    if values - {"learned", "mc"}:
-        raise ValueError(f"--values {args.values!r}: a comma list of learned, mc")
     if args.mc_rollouts < max(ks):
         raise ValueError(f"--mc_rollouts {args.mc_rollouts} < the largest K {max(ks)}: pass@K needs n_mc >= K rollouts per prefix")
     if "mc" in values and min(args.value_rollouts, args.rl_value_rollouts or args.value_rollouts) < args.prover_k:
@@ -794,9 +865,11 @@ def main(args: Args) -> dict:
             if dist.main:
                 print(f"data: {st['samples']} policy samples ({st['tokens']} tokens, {st['calls']} generate calls)", flush=True)
     barrier(dist)
-    if not (out / "data.jsonl").exists():
+    need_data = bool(stages & {"train", "search", "sweep"}) or ("rl" in stages and "learned" in rl_values)
+    if need_data and not (out / "data.jsonl").exists():
         raise FileNotFoundError(f"{out / 'data.jsonl'}: no PAV data (run the data stage)")
-    rows = data_rows(read_jsonl(out / "data.jsonl", required=("problem", "steps", "c", "m", "outcome")), ks)
+    rows = data_rows(read_jsonl(out / "data.jsonl", required=("problem", "steps", "c", "m", "outcome")), ks) \
+        if (out / "data.jsonl").exists() else []  # none: RL from the outcome and mc / exact values alone
     res["data_rows"], res["data_prefixes"] = len(rows), sum(len(r["c"]) for r in rows)
 
     # 2. the PAV (q_pi and q_mu@K heads) and the ORM (every complete rollout's outcome)
@@ -824,6 +897,9 @@ def main(args: Args) -> dict:
         res["search_config"], res["seconds/search"] = scfg, time.time() - t
         save()
     pav = load("pav") if (out / "pav" / "verifier.json").exists() else None
+    pav_sha = weights_sha256(out / "pav") if pav is not None else ""
+    if "rl" in stages and "learned" in rl_values and pav is None:
+        raise FileNotFoundError(f"{out / 'pav'}: no trained PAV for PAV-RL (run the train stage, or --rl_values mc,exact)")
 
     # 4. RL: PAV-RL (K = prover_k; learned and MC values) vs outcome-only, every seed; 5. the K sweep
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -831,17 +907,20 @@ def main(args: Args) -> dict:
     if "rl" in stages:
         for s in seeds:
             runs["outcome", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"outcome_seed{s}", None, None, dist)
-            if "learned" in values:
+            if "learned" in rl_values:
                 runs["pav", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"pav{args.prover_k}_seed{s}", pav,
-                                        args.prover_k, dist)
-            if "mc" in values:
+                                        args.prover_k, dist, pav_sha=pav_sha)
+            if "mc" in rl_values:
                 runs["mc", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"mc{args.prover_k}_seed{s}", "mc",
                                        args.prover_k, dist, gen_base=gen)
+            if "exact" in rl_values:
+                runs["exact", s] = rl_run(args.model, rl_probs, test, args, s, out / "rl" / f"exact_seed{s}", "exact",
+                                          args.prover_k, dist)
         oc = mean_curve([runs["outcome", s]["curve"] for s in seeds])
         res["rl"] = {"outcome_curve": oc, "samples_per_run": oc[-1][0], "init_acc": oc[0][1],
                      "outcome_final_seeds": [runs["outcome", s]["final_acc"] for s in seeds]}
         res["rl/outcome_final_acc"] = oc[-1][1]
-        for kind, pre in (("pav", "rl"), ("mc", "rl_mc")):
+        for kind, pre in (("pav", "rl"), ("mc", "rl_mc"), ("exact", "rl_exact")):
             if (kind, seeds[0]) not in runs:
                 continue
             c = mean_curve([runs[kind, s]["curve"] for s in seeds])
@@ -850,11 +929,15 @@ def main(args: Args) -> dict:
             res["rl"] |= {f"{kind}_curve": c, f"{kind}_samples_to_outcome_final": need, f"{kind}_final_seeds": finals}
             res[f"{pre}/{'pav_' if kind == 'pav' else ''}final_acc"] = c[-1][1]
             res[f"{pre}/sample_efficiency_ratio"] = oc[-1][0] / need if need else None  # None: never reached
-            res[f"{pre}/{'pav' if kind == 'pav' else 'mc'}_minus_outcome"] = list(
-                paired_interval(finals, res["rl"]["outcome_final_seeds"]))
+            res[f"{pre}/{kind}_minus_outcome"] = list(paired_interval(finals, res["rl"]["outcome_final_seeds"]))
             if kind == "mc":
                 res["rl_mc/mc_rollouts_per_run"] = float(np.mean([runs[kind, s]["mc_rollouts"] for s in seeds]))
                 res["rl_mc/mc_rollout_tokens_per_run"] = float(np.mean([runs[kind, s]["mc_rollout_tokens"] for s in seeds]))
+        if ("exact", seeds[0]) in runs:  # the share of the exact control's gain each signal keeps
+            for kind, pre in (("pav", "rl"), ("mc", "rl_mc")):
+                if (kind, seeds[0]) in runs:
+                    res[f"{pre}/share_of_exact_final"], res[f"{pre}/share_of_exact_samples"] = share_of_gain(
+                        res["rl"][f"{kind}_curve"], res["rl"]["exact_curve"], oc)
     if "sweep" in stages:
         res["k_sweep"] = k_sweep(gen, tok, rows, ks, args, runs, rl_probs, test, out, pav, seeds[0], dist)
     if {"rl", "sweep"} & stages:
@@ -930,10 +1013,15 @@ def k_sweep(gen, tok, rows: list[dict], ks: list[int], args: Args, runs: dict, r
                 row["rl_gain"] = float(np.mean([runs["pav", s]["final_acc"] - runs["outcome", s]["final_acc"]
                                                 for s in {s for _, s in runs}]))
             elif k != args.prover_k and args.sweep_rl:
-                r = rl_run(args.model, rl_probs, test, args, seed, out / "rl" / f"pav{k}_seed{seed}", pav, k, dist)
+                r = rl_run(args.model, rl_probs, test, args, seed, out / "rl" / f"pav{k}_seed{seed}", pav, k, dist,
+                           pav_sha=weights_sha256(out / "pav"))
                 row["rl_gain"] = r["final_acc"] - runs["outcome", seed]["final_acc"]
         table.append(row)
     return table
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def _iv(x) -> str:
@@ -947,7 +1035,7 @@ def report(res: dict, args: Args) -> str:
                     {int(x) for x in args.mc_search_ns.split(",")})
         md += "search: accuracy % (generated tokens per problem)\n\n| method | " + " | ".join(f"N={n}" for n in ns) + \
               " |\n|---|" + "---|" * len(ns) + "\n"
-        for name in ("pav_beam", "mc_beam", "qpi_beam", "orm_bon", "maj", "pass"):
+        for name in ("pav_beam", "mc_beam", "exact_beam", "qpi_beam", "orm_bon", "maj", "pass"):
             if any(f"{name}@{n}" in s for n in ns):
                 md += f"| {name} | " + " | ".join(f"{100 * s[f'{name}@{n}']:.1f} ({s[f'tokens/{name}@{n}']:.0f})"
                                                   if f"{name}@{n}" in s else "-" for n in ns) + " |\n"
@@ -955,19 +1043,19 @@ def report(res: dict, args: Args) -> str:
             md += "\nmc_beam's value rollouts (base policy, not counted above), tokens per problem: " + ", ".join(
                 f"N={n} {s[f'tokens/mc_rollouts@{n}']:.0f}" for n in ns if f"tokens/mc_rollouts@{n}" in s) + "\n"
         md += "\nbeam minus ORM best-of-N at the nearest token count, points [95% paired interval]\n\n"
-        for pre in ("pav", "mc"):
+        for pre in ("pav", "mc", "exact"):
             for n in ns:
                 v = s.get(f"{pre}_vs_orm@{n}")
                 if v:
                     md += (f"- {pre}_beam@{n} vs orm_bon@{v['orm_n']} ({v[f'tokens_{pre}']:.0f} vs {v['tokens_orm']:.0f} "
                            f"tokens): {_iv(v['diff'])}" +
                            (f"; vs qpi_beam: {_iv(s[f'pav_vs_qpi@{n}'])}" if pre == "pav" and f"pav_vs_qpi@{n}" in s else "") +
-                           (f"; vs pass@{s[f'mc_vs_pass@{n}']['pass_n']} (both pick exactly): {_iv(s[f'mc_vs_pass@{n}']['diff'])}"
-                            if pre == "mc" and f"mc_vs_pass@{n}" in s else "") + "\n")
+                           (f"; vs pass@{s[f'{pre}_vs_pass@{n}']['pass_n']} (both pick exactly): "
+                            f"{_iv(s[f'{pre}_vs_pass@{n}']['diff'])}" if f"{pre}_vs_pass@{n}" in s else "") + "\n")
         md += ("\nright vs wrong samples (AUC): ORM {:.3f}, PAV Q^pi last step {:.3f}, PAV lowest Q^pi {:.3f}\n"
                .format(s["auc/orm_last"], s["auc/pav_qpi_last"], s["auc/pav_qpi_min"]))
         md += f"\nORM's best: {100 * s['orm_best']['acc']:.1f}% at N={s['orm_best']['n']} ({s['orm_best']['tokens']:.0f} tokens)"
-        for pre in ("pav", "mc"):
+        for pre in ("pav", "mc", "exact"):
             if f"{pre}_compute_efficiency" in s:
                 eff = s[f"{pre}_compute_efficiency"]
                 md += (f"; the {pre} beam first reaches it at N={s[f'{pre}_reaches_orm_best_at']}: ORM tokens / beam tokens "
@@ -975,20 +1063,23 @@ def report(res: dict, args: Args) -> str:
         md += "\n"
     r = res.get("rl")
     if r:
-        cols = [("outcome-only", "outcome_curve")] + [(n, f"{k}_curve") for n, k in (("PAV-RL", "pav"), ("PAV-RL (mc)", "mc"))
-                                                      if f"{k}_curve" in r]
-        md += ("\nRL: test per-sample accuracy % (mean over seeds) by policy samples\n\n| samples | " +
+        rl_rows = (("PAV-RL", "pav", "rl"), ("PAV-RL (mc)", "mc", "rl_mc"), ("exact values", "exact", "rl_exact"))
+        cols = [("outcome-only", "outcome_curve")] + [(n, f"{k}_curve") for n, k, _ in rl_rows if f"{k}_curve" in r]
+        md += (f"\nRL: test per-sample accuracy % (mean over seeds) by policy samples, evaluated every {args.rl_eval_every} "
+               f"steps ({args.rl_eval_every * args.rl_prompts * args.rl_k} samples: the grid of the ratios)\n\n| samples | " +
                " | ".join(n for n, _ in cols) + " |\n|---|" + "---|" * len(cols) + "\n")
         md += "".join(f"| {pts[0][0]} | " + " | ".join(f"{100 * p[1]:.1f}" for p in pts) + " |\n"
                       for pts in zip(*(r[c] for _, c in cols)))
         md += f"\nfinal: outcome-only {100 * res['rl/outcome_final_acc']:.1f}\n"
-        for name, kind, pre, key in (("PAV-RL", "pav", "rl", "pav"), ("PAV-RL (mc)", "mc", "rl_mc", "mc")):
+        for name, kind, pre in rl_rows:
             if f"{kind}_curve" in r:
-                ratio = res[f"{pre}/sample_efficiency_ratio"]
+                ratio, share = res[f"{pre}/sample_efficiency_ratio"], res.get(f"{pre}/share_of_exact_final", "-")
                 md += (f"- {name}: {100 * r[f'{kind}_curve'][-1][1]:.1f} (minus outcome over seeds: "
-                       f"{_iv(res[f'{pre}/{key}_minus_outcome'])}); " +
+                       f"{_iv(res[f'{pre}/{kind}_minus_outcome'])}); " +
                        (f"reaches outcome-only's final accuracy at {r[f'{kind}_samples_to_outcome_final']} samples: "
-                        f"{ratio:.2f}x" if ratio else "does not reach outcome-only's final accuracy") + "\n")
+                        f"{ratio:.2f}x" if ratio else "does not reach outcome-only's final accuracy") +
+                       ("" if share == "-" else "; share of the exact control's gain kept: final " +
+                        _share(share) + ", samples saved " + _share(res[f"{pre}/share_of_exact_samples"])) + "\n")
         if "rl_mc/mc_rollouts_per_run" in res:
             md += (f"- the mc runs' value rollouts (base policy, apart from the {r['samples_per_run']} policy samples): "
                    f"{res['rl_mc/mc_rollouts_per_run']:.0f} samples, {res['rl_mc/mc_rollout_tokens_per_run']:.0f} tokens per run\n")

@@ -26,15 +26,20 @@ Deviations (every one a code fact the paper leaves out is kept, and said where i
      (the original samples until it fills).
   6. Rollouts come from vLLM (a colocated engine per rank, --vllm_memory of the GPU, weights pushed after
      every update, prefix cache reset) or HF; verl's sleep/offload of the idle engine is not done.
-  7. One --gamma for both reward sources (the code has reward_model_gamma and verifier_gamma, both 1 in its
-     run script).
+  7. (none: the code's two discounts are --gamma, the outcome's verifier_gamma, and --process_gamma, the process
+     rewards' reward_model_gamma, both 1 in its run script; each source is discounted on its own, then summed.
+     The script's reward_model.rm_coef 5 scales only the summed token_level_scores, which the code's RLOO does
+     not read: the normalised process rewards enter the advantages at weight 1, as here.)
 The code's other reference, --ref_type policy (q_t against the policy's old logprobs), holds no reference
 model; its saved verifier takes the final policy as reference. Not in the code, off by default: --prm_epochs,
---prm_warmup (PRM rewards left out for N steps), and the toy's control --process_rewards oracle: q_t replaced
-by the exact checker's token rewards (`oracle_rewards`), the rest unchanged: can dense rewards help at all?
+--prm_warmup (PRM rewards left out for N steps), and the toy's controls, q_t replaced by the exact checker's
+token rewards (`oracle_rewards`), the rest unchanged: --process_rewards oracle (-1 on the last token of the
+first wrong step; at process gamma 1 its return-to-go puts the same -1 on every earlier token, so it telescopes
+into the outcome minus a state baseline: the "telescoping" control of --compare) and oracle_step (-1 on every
+token of the first wrong step; at --process_gamma 0 the credit stays on that step: the "exact" control).
 
     python prime.py                                                  # toy world on CPU
-    python prime.py --compare                                        # PRIME, RLOO, a frozen PRM, the oracle; 3 seeds
+    python prime.py --compare                                        # PRIME, RLOO and the controls; 3 seeds
     torchrun --nproc_per_node 8 prime.py --model Eurus-2-7B-SFT --data train.jsonl --bf16
 """
 from __future__ import annotations
@@ -86,7 +91,8 @@ class Args:
     prm_lr: float = field(default=1e-6, metadata={"help": "PRM AdamW lr, constant (code: 1e-6)"})
     prm_grad_clip: float = field(default=10.0, metadata={"help": "PRM grad-norm clip (code: 10)"})
     process_rewards: str = field(default="implicit", metadata={"help": "implicit (the PRM's q_t) | none (outcome-only RLOO) "
-                                                                     "| oracle (toy: the exact checker's; the control)"})
+                                                                     "| oracle (toy: the checker's -1 on the last token of the "
+                                                                     "first wrong step) | oracle_step (toy: -1 on its every token)"})
     ref_type: str = field(default="freeze", metadata={"help": "the PRM's reference: freeze (the SFT policy; code default) "
                                                             "| policy (the policy's old logprobs; no reference held)"})
     prm_update: bool = field(default=True, metadata={"help": "update the PRM online (false: a frozen PRM)"})
@@ -100,14 +106,18 @@ class Args:
     prm_warmup: int = field(default=0, metadata={"help": "RL steps that train the PRM but leave its rewards out of the "
                                                         "advantages (code: 0)"})
     # policy
-    lr: float = field(default=5e-7, metadata={"help": "policy AdamW lr, constant (paper: 5e-7)"})
+    lr: float = field(default=5e-7, metadata={"help": "policy AdamW lr, constant after the warm-up (paper: 5e-7)"})
+    warmup_steps: int = field(default=0, metadata={"help": "RL steps of linear policy-lr warm-up, lr * (step + 1) / N "
+                                                         "(verl's lr_warmup_steps_ratio: 0 in PRIME's script)"})
     weight_decay: float = field(default=0.01, metadata={"help": "policy AdamW weight decay (verl default 0.01)"})
     grad_clip: float = field(default=1.0, metadata={"help": "policy grad-norm clip (code: 1.0)"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch (paper: 1)"})
     mini_batches: int = field(default=4, metadata={"help": "optimizer steps per pass, for the policy and the PRM (code: 4)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward (memory; deviation 3)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount of both returns (paper: 1.0)"})
+    gamma: float = field(default=1.0, metadata={"help": "discount of the outcome's return (code: verifier_gamma 1.0)"})
+    process_gamma: float = field(default=1.0, metadata={"help": "discount of the process rewards' return (code: "
+                                                              "reward_model_gamma 1.0; 0: each token its own reward)"})
     global_norm: bool = field(default=False, metadata={"help": "torchrun: normalise process rewards by the whole batch's "
                                                              "max |return-to-go| (the code: each rank its own; deviation 2)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 compute on GPU, fp32 master weights (as the code)"})
@@ -117,15 +127,22 @@ class Args:
     eval_every: int = field(default=16, metadata={"help": "test accuracy every N steps (paper: 16)"})
     save_every: int = field(default=16, metadata={"help": "checkpoint every N steps (paper: 16); --resume restarts there"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint"})
-    compare: bool = field(default=False, metadata={"help": "run prime, rloo and frozen_prm for every --seeds; print the curves"})
+    compare: bool = field(default=False, metadata={"help": "run --compare_methods for every --seeds; print the curves"})
+    compare_methods: str = field(default="rloo,prime,prime_gamma0,frozen_prm", metadata={
+        "help": "rows of --compare (METHODS): rloo, prime, prime_gamma0 (PRIME at process gamma 0), frozen_prm (each "
+                "seed's PRIME PRM, frozen), and on the toy telescoping (oracle) and exact (oracle_step, process gamma 0)"})
+    compare_steps: int = field(default=0, metadata={"help": "RL steps of each --compare run (0: --steps)"})
     seeds: str = field(default="0,1,2", metadata={"help": "seeds of --compare"})
     out_dir: str = field(default="runs/prime", metadata={"help": "metrics.jsonl, results.json, checkpoint/, prm/"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, sampling and init"})
 
 
-# Toy scale (the 0.28M-parameter toy policy on 2 CPU cores), applied when --model is empty.
-TOY = dict(prompts_per_step=32, max_new_tokens=160, backend="hf", prm_lr=6e-4, lr=3e-4, weight_decay=0.0,
-           steps=60, eval_every=10, save_every=1, n_eval_problems=200, micro_batch=64, shard="ddp")
+# Toy scale (the 0.28M-parameter toy policy on 2 CPU cores), applied when --model is empty. Policy lr 1e-4: at
+# 3e-4 every method's greedy test accuracy fell below the SFT policy's (69.0 -> 65-67% for RLOO after 20 steps,
+# 51% for PRIME at step 10) while T = 1 accuracy rose; a warm-up at 3e-4 did not help (docs/results/prime.md).
+TOY = dict(prompts_per_step=32, max_new_tokens=160, backend="hf", prm_lr=6e-4, lr=1e-4, weight_decay=0.0,
+           steps=60, eval_every=10, save_every=1, n_eval_problems=200, micro_batch=64, shard="ddp", compare_steps=20,
+           compare_methods="rloo,prime,prime_gamma0,telescoping,exact")
 
 
 # ----------------------------------------------------------------------------- the algorithm, piece by piece
@@ -169,15 +186,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, stats: tuple | None = Non
 
 
 def rloo_returns(outcome: torch.Tensor, process: torch.Tensor, mask: torch.Tensor, k: int, gamma: float = 1.0,
-                 whiten_stats: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 whiten_stats: tuple | None = None, process_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PRIME's compute_rloo_returns + masked whitening. outcome (B,), process and mask (B, T); rows in groups
-    of k. Returns (advantages, returns), both (B, T)."""
+    of k. Each source is RLOO'd and discounted on its own (the outcome by gamma, the process rewards by
+    process_gamma, default gamma), then the returns are summed. Returns (advantages, returns), both (B, T)."""
     last = mask.cumsum(-1) == mask.sum(-1, keepdim=True)  # (B, T): the last valid token
     last = last & mask.bool()
     r_out = torch.zeros_like(process)
     r_out[last] = outcome.float()[last.any(-1)]
-    reward = (_masked_rloo(r_out, last.float(), k) + _masked_rloo(process, mask, k)) * mask  # Eq. (5), both sources
-    returns = discounted_returns(reward, gamma) * mask
+    pg = gamma if process_gamma is None else process_gamma
+    returns = (discounted_returns(_masked_rloo(r_out, last.float(), k) * mask, gamma) +  # Eq. (5), each source
+               discounted_returns(_masked_rloo(process, mask, k) * mask, pg)) * mask
     return masked_whiten(returns, mask, whiten_stats), returns  # NOTE: the whitening is in the code, not the paper
 
 
@@ -186,6 +205,8 @@ def discounted_returns(reward: torch.Tensor, gamma: float) -> torch.Tensor:
     underflows in float32 on long responses (0.95^3072 is 0, and every return would be NaN)."""
     if gamma == 1.0:
         return reward.flip(-1).cumsum(-1).flip(-1)
+    if gamma == 0.0:
+        return reward.clone()
     out, run = torch.zeros_like(reward), torch.zeros_like(reward[:, 0])
     for t in reversed(range(reward.shape[1])):
         run = reward[:, t] + gamma * run
@@ -227,16 +248,19 @@ def pairwise_accuracy(score: torch.Tensor, outcome: torch.Tensor, k: int) -> flo
     return sum(accs) / len(accs) if accs else float("nan")
 
 
-def oracle_rewards(problem: str, response_ids: list[int], tok) -> list[float]:
-    """The control's exact token rewards (toy only): -1 on the last token (the separator) of the checker's first
+def oracle_rewards(problem: str, response_ids: list[int], tok, every_token: bool = False) -> list[float]:
+    """The controls' exact token rewards (toy only): -1 on the last token (the separator) of the checker's first
     wrong step, 0 elsewhere: the change of the exact value (1 until a step is wrong, then 0: the toy's errors are
-    never undone), which an implicit PRM's q_t estimates. Per-step correctness would pay for length."""
+    never undone), which an implicit PRM's q_t estimates. every_token: -1 on each token of that step (for
+    --process_gamma 0, where a token's process return is its own reward). Per-step correctness would pay for
+    length."""
     from utils.toy import check_steps
     steps, ends = step_spans(tok, response_ids)
     r = [0.0] * len(response_ids)
     bad = check_steps(problem, steps).first_error if steps else -1
     if bad >= 0:
-        r[ends[bad] - 1] = -1.0
+        start = (ends[bad - 1] if bad else 0) if every_token else ends[bad] - 1
+        r[start: ends[bad]] = [-1.0] * (ends[bad] - start)
     return r
 
 
@@ -320,9 +344,10 @@ def rl_step(policy, prm, ref, popt, ropt, groups: list[dict], args: Args, tok, d
     # 1. implicit PRM: q from the forward that is backpropagated ("single forward"); groups stay whole
     if args.process_rewards != "implicit":  # outcome-only RLOO (no PRM at all), or the exact checker's rewards
         q = torch.zeros((B, batch["T"]), device=dev)
-        if args.process_rewards == "oracle":
+        if args.process_rewards in ("oracle", "oracle_step"):
             for i, (g, r) in enumerate((g, r) for g in groups for r in g["responses"]):
-                q[i, : len(r)] = torch.tensor(oracle_rewards(g["problem"]["problem"], r, tok), device=dev)
+                q[i, : len(r)] = torch.tensor(oracle_rewards(g["problem"]["problem"], r, tok,
+                                                             args.process_rewards == "oracle_step"), device=dev)
             m["train/oracle_wrong_frac"] = (q.sum(-1) < 0).float().mean().item()  # solutions with a wrong step
         return _policy_step(policy, popt, batch, outcome, q, mask, args, dist, step, m)
     ref_model = ref if args.ref_type == "freeze" else policy  # "policy": the policy before this step's update
@@ -379,7 +404,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
         p = normalize_process_rewards(q, mask, mx)
     else:
         p = torch.zeros_like(q)
-    adv, ret = rloo_returns(outcome, p, mask, k, args.gamma)
+    adv, ret = rloo_returns(outcome, p, mask, k, args.gamma, process_gamma=args.process_gamma)
     if dist.on:  # whitened with the whole batch's mean and variance, as the driver does
         s = all_reduce(torch.stack([(ret * mask).sum(), (ret ** 2 * mask).sum(), mask.sum()]).double(),
                        torch.distributed.ReduceOp.SUM, dist)
@@ -392,6 +417,8 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
         old = torch.cat([logprobs_of(policy, batch, mb, pad, dev) for mb in _micro(rows, args.micro_batch)])
     if "gen_logp" in batch:  # the generator's own weights (vLLM, FSDP's HF copy) vs the trained policy's
         m["rollout/logprob_diff"] = (((old - batch["gen_logp"]).abs() * mask).sum() / mask.sum()).item()
+    for g in popt.param_groups:  # linear warm-up over the first warmup_steps RL steps (stateless: resumes exactly)
+        g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else args.lr
     clip_fracs, plosses = [], []
     for _ in range(args.ppo_epochs):
         order = rows[:]
@@ -412,7 +439,7 @@ def _policy_step(policy, popt, batch: dict, outcome, q, mask, args: Args, dist, 
             plosses.append(loss)
             clip_fracs.append(cf)
     m.update({"train/policy_loss": sum(plosses) / len(plosses), "train/clip_frac": sum(clip_fracs) / len(clip_fracs),
-              "time/policy": time.time() - t, "train/tokens": int(mask.sum().item())})
+              "time/policy": time.time() - t, "train/tokens": int(mask.sum().item()), "train/lr": popt.param_groups[0]["lr"]})
     return m
 
 
@@ -485,10 +512,10 @@ def main(args: Args) -> dict:
         args.data, args.eval_data = args.data or str(tdir / "train.jsonl"), args.eval_data or str(tdir / "test.jsonl")
     if not (args.k >= 2 and 0 <= args.filter_low <= args.filter_high <= 1 and args.mini_batches >= 1):
         raise ValueError("--k must be >= 2, 0 <= --filter_low <= --filter_high <= 1, --mini_batches >= 1")
-    if args.process_rewards not in ("implicit", "none", "oracle") or args.ref_type not in ("freeze", "policy"):
-        raise ValueError("--process_rewards implicit|none|oracle, --ref_type freeze|policy")
-    if args.process_rewards == "oracle" and not toy:
-        raise ValueError("--process_rewards oracle needs the toy world's checker (leave --model empty)")
+    if args.process_rewards not in ("implicit", "none", "oracle", "oracle_step") or args.ref_type not in ("freeze", "policy"):
+        raise ValueError("--process_rewards implicit|none|oracle|oracle_step, --ref_type freeze|policy")
+    if args.process_rewards.startswith("oracle") and not toy:
+        raise ValueError(f"--process_rewards {args.process_rewards} needs the toy world's checker (leave --model empty)")
     problems = load_problems(args.data)
     test = load_problems(args.eval_data, args.n_eval_problems or None) if args.eval_data else []
     if dist.main:
@@ -554,7 +581,8 @@ def main(args: Args) -> dict:
             results.update({f"sft/{k}": v for k, v in evaluate(gen, test, args, tok).items()})
         print(f"SFT policy: greedy {100 * results['sft/greedy_acc']:.1f}%, T=1 {100 * results['sft/sample_acc']:.1f}%")
     rollouts = results.get("rollouts", 0)
-    desc = {"implicit": "PRIME", "none": "RLOO", "oracle": "RLOO + exact process rewards"}[args.process_rewards]
+    desc = {"implicit": "PRIME", "none": "RLOO", "oracle": "RLOO + the checker's last-token rewards",
+            "oracle_step": "RLOO + the checker's step rewards"}[args.process_rewards]
     last_eval = None  # the evaluation of the last step, which is the final one
     bar = tqdm(range(start, args.steps), desc=desc, disable=not dist.main, initial=start, total=args.steps)
     for step in bar:
@@ -609,8 +637,13 @@ def main(args: Args) -> dict:
 
 
 # ----------------------------------------------------------------------------- --compare
-METHODS = {"prime": {}, "rloo": {"process_rewards": "none"}, "frozen_prm": {"prm_update": False},
-           "oracle": {"process_rewards": "oracle"}}  # oracle: the toy world only
+METHODS = {"rloo": {"process_rewards": "none"}, "prime": {}, "prime_gamma0": {"process_gamma": 0.0},
+           "frozen_prm": {"prm_update": False},
+           # the toy's exact controls: the checker's -1 summed over every earlier token (telescoping), and on every
+           # token of the first wrong step with nothing summed (exact)
+           "telescoping": {"process_rewards": "oracle"},
+           "exact": {"process_rewards": "oracle_step", "process_gamma": 0.0}}
+CHECKER = ("telescoping", "exact")  # the toy world only
 
 
 def smooth(xs: list[float], w: int = 10) -> list[float]:
@@ -623,12 +656,21 @@ def rollouts_to_reach(curve: list[tuple[int, float]], target: float) -> int | No
 
 
 def compare(args: Args) -> dict:
-    """PRIME, outcome-only RLOO, a frozen PRM and (toy) the exact rewards on the same budget for every seed: learning curves, final
-    test accuracy, and how many rollouts each needs to reach RLOO's final smoothed training reward. The frozen
+    """--compare_methods (METHODS) on the same budget for every seed: learning curves, final test accuracy, the
+    final T = 1 accuracy minus RLOO's per seed, how many rollouts each needs to reach RLOO's final smoothed
+    training reward, and (with the exact control) the share of its gain over RLOO each row keeps. The frozen
     PRM is the one this seed's PRIME run trained (--prm_init: another); a frozen PRM that is still the SFT
     policy would give q = 0 exactly, i.e. RLOO itself."""
     out, seeds, res, curves = Path(args.out_dir), [int(s) for s in args.seeds.split(",")], {}, {}
-    methods = [n for n in METHODS if n != "oracle" or not args.model]  # the exact checker: toy world only
+    asked = [n for n in args.compare_methods.split(",") if n]
+    if set(asked) - set(METHODS) or "rloo" not in asked:
+        raise ValueError(f"--compare_methods {args.compare_methods!r}: a comma list of {', '.join(METHODS)}, with rloo")
+    if args.model and set(asked) & set(CHECKER):
+        print(f"--compare: {', '.join(n for n in asked if n in CHECKER)} need the toy world's checker; left out")
+    methods = [n for n in METHODS if n in asked and (n not in CHECKER or not args.model)]  # prime before frozen_prm
+    if "frozen_prm" in methods and "prime" not in methods and not args.prm_init:
+        raise ValueError("--compare_methods frozen_prm freezes each seed's PRIME PRM: list prime too (or --prm_init)")
+    args = replace(args, steps=args.compare_steps or args.steps)
     for name in methods:
         over = METHODS[name]
         for s in seeds:
@@ -664,17 +706,38 @@ def compare(args: Args) -> dict:
         table.append(f"| {name} | {_spread(fin)} | {_spread([c['r']['final/greedy_acc'] for c in cs], 100)} | "
                      f"{_spread([c['r']['final/sample_acc'] for c in cs], 100)} | {need} (of {total}) | "
                      f"{res[f'{name}/seconds_per_step']:.1f} |")
-    res["sft/greedy_acc"], res["sft/sample_acc"] = (curves["prime", seeds[0]]["r"][f"sft/{k}"] for k in ("greedy_acc", "sample_acc"))
-    res["prime_cost_per_step_vs_rloo"] = res["prime/seconds_per_step"] / res["rloo/seconds_per_step"]
+    for name in methods:  # T = 1 accuracy against RLOO's, per seed, and the share of the exact control's gain
+        d = [curves[name, s]["r"]["final/sample_acc"] - curves["rloo", s]["r"]["final/sample_acc"] for s in seeds]
+        res[f"{name}/final_sample_acc_minus_rloo"], res[f"{name}/final_sample_acc_minus_rloo_seeds"] = sum(d) / len(d), d
+    if "exact" in methods:
+        gain = res["exact/final_sample_acc_minus_rloo"]
+        saved = lambda n: [1 - (x or curves[n, s]["rollouts"][-1]) / curves[n, s]["rollouts"][-1]  # noqa: E731
+                           for s, x in zip(seeds, res[f"{n}/rollouts_to_rloo_final_reward"])]
+        mean_saved = {n: sum(saved(n)) / len(seeds) for n in methods}  # share of each run's rollouts
+        se = mean_saved["exact"] - mean_saved["rloo"]  # what the control saves beyond RLOO's own seeds
+        for name in methods:  # None: the control gains nothing (or saves under 5% of the rollouts) to share
+            res[f"{name}/share_of_exact_final"] = res[f"{name}/final_sample_acc_minus_rloo"] / gain if gain > 0 else None
+            res[f"{name}/share_of_exact_rollouts_saved"] = (mean_saved[name] - mean_saved["rloo"]) / se if se >= 0.05 else None
+    res["sft/greedy_acc"], res["sft/sample_acc"] = (curves["rloo", seeds[0]]["r"][f"sft/{k}"] for k in ("greedy_acc", "sample_acc"))
+    if "prime" in methods:
+        res["prime_cost_per_step_vs_rloo"] = res["prime/seconds_per_step"] / res["rloo/seconds_per_step"]
     curve = ["| rollouts | " + " | ".join(f"{n} reward / greedy" for n in methods) + " |", "|---|" + "---|" * len(methods)]
-    for i, (r, _, _) in enumerate(curves["prime", seeds[0]]["eval"]):
+    for i, (r, _, _) in enumerate(curves["rloo", seeds[0]]["eval"]):
         cells = []
         for name in methods:
             ev = [curves[name, s]["eval"][i] for s in seeds if i < len(curves[name, s]["eval"])]
             rw = [dict(zip(curves[name, s]["rollouts"], curves[name, s]["reward"])).get(e[0]) for s, e in zip(seeds, ev)]
             cells.append(f"{_spread([x for x in rw if x is not None])} / {_spread([e[1] for e in ev], 100)}")
         curve.append(f"| {r} | " + " | ".join(cells) + " |")
+    vs = ["| method | final T=1 minus RLOO, points (per seed) | share of the exact control's gain: final T=1 | "
+          "... rollouts saved to RLOO's final reward |", "|---|---|---|---|"]
+    for name in methods:
+        vs.append(f"| {name} | {100 * res[f'{name}/final_sample_acc_minus_rloo']:+.1f} ("
+                  + ", ".join(f"{100 * x:+.1f}" for x in res[f"{name}/final_sample_acc_minus_rloo_seeds"]) + ") | "
+                  + " | ".join("-" if res.get(f"{name}/{k}") is None else f"{100 * res[f'{name}/{k}']:.0f}%"
+                               for k in ("share_of_exact_final", "share_of_exact_rollouts_saved")) + " |")
     md = (f"RLOO's final smoothed training reward: {target:.3f} (mean of {len(seeds)} seeds)\n\n" + "\n".join(table) +
+          "\n\n" + "\n".join(vs) +
           "\n\nlearning curves (mean ± half-range over seeds; reward smoothed over 10 steps)\n\n" + "\n".join(curve) + "\n")
     md += _error_tables(curves, seeds, res, methods)
     (out / "compare.md").write_text(md)
@@ -686,7 +749,7 @@ def compare(args: Args) -> dict:
 def _error_tables(curves: dict, seeds: list[int], res: dict, methods: list[str]) -> str:
     """Toy runs: test accuracy by number of operations and the share of solutions whose first wrong step is of
     each kind, SFT beside each method's final policy (mean over seeds)."""
-    sft = curves["prime", seeds[0]]["r"]
+    sft = curves["rloo", seeds[0]]["r"]
     if "final/greedy_first_errors" not in sft:
         return ""
     cols = {"SFT": [{k[4:]: v for k, v in sft.items() if k.startswith("sft/")}]}

@@ -55,6 +55,49 @@ def test_last_step_uses_the_outcome():
     assert pav.process_terms([0.5], 0.0) == pytest.approx([-0.5])  # a one-step solution
 
 
+def test_exact_values_and_their_process_terms_by_hand():
+    # 3 steps, the second (index 1) the first wrong one: prefixes 0, 1 are right (1), prefix 2 holds the error (0);
+    # A = progress([1, 1, 0] + [outcome 0]) = [0, -1, 0]: -1 on the wrong step alone, nothing summed over others
+    assert pav.exact_values(1, 3) == [1.0, 1.0, 0.0]
+    assert pav.process_terms(pav.exact_values(1, 3), 0.0) == [0.0, -1.0, 0.0]
+    assert pav.process_terms(pav.exact_values(0, 2), 0.0) == [-1.0, 0.0]  # wrong from the first step
+    assert pav.process_terms(pav.exact_values(-1, 3), 1.0) == [0.0, 0.0, 0.0]  # right throughout: no process term
+    assert pav.process_terms(pav.exact_values(-1, 2), 0.0) == [0.0, -1.0]  # steps pass, answer wrong: the last step
+    # with the leave-one-out step baseline (k = 2) and alpha_rl 1, the tokens' weights of a wrong sample (error at
+    # step 1 of 2) against a right one: outcome RLOO -1 / +1; A - baseline [0 - 0, -1 - 0] and [0 - 0, 0 + 1]
+    a = pav.loo_step_baseline([[0.0, -1.0], [0.0, 0.0]], 2)
+    assert a == [[0.0, -1.0], [0.0, 1.0]]
+    assert pav.step_weights([0, 0, 1, 1], -1.0, a[0], 1.0) == [-1.0, -1.0, -2.0, -2.0]
+    assert pav.step_weights([0, 1], 1.0, a[1], 1.0) == [1.0, 2.0]
+
+
+def test_share_of_gain_by_hand():
+    out = [(0, 0.40), (64, 0.44), (128, 0.46), (192, 0.48)]
+    exact = [(0, 0.40), (64, 0.48), (128, 0.52), (192, 0.56)]  # gain 8 points; reaches 0.48 at 64 (saves 128)
+    half = [(0, 0.40), (64, 0.45), (128, 0.48), (192, 0.52)]  # gain 4 points; reaches 0.48 at 128 (saves 64)
+    assert pav.share_of_gain(half, exact, out) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert pav.share_of_gain(out, exact, out) == (pytest.approx(0.0), pytest.approx(0.0))  # reached at the end only
+    assert pav.share_of_gain(half, out, out) == (None, None)  # a control without gain has nothing to share
+
+
+def test_exact_scorer_ranks_by_the_checker(tmp_path):
+    from utils.toy import build_char_tokenizer
+    tok = build_char_tokenizer(tmp_path)
+    problem = {"problem": "Dan has 10 stickers. Dan gives away 6. Dan's bag weighs 3 pounds. Dan loses half of them. "
+                          "How many stickers does Dan have now?", "answer": "2"}
+    prompts = [[1, 2]]
+    score = pav.exact_scorer([problem], prompts, 0.5, tok)
+    good, bad = "Dan gives away 6, so 10 - 6 = 4.", "Dan gives away 6, so 10 - 6 = 5."
+    parent = [1, 2]
+    cands = [(0, parent, parent + [3], [good], False), (0, parent, parent + [4], [bad], False)]
+    # right so far: 1 + 0.5 * (1 - 1); wrong at this step: 0 + 0.5 * (0 - 1)
+    assert score(cands) == [(1.0, 1.0), (-0.5, 0.0)]
+    child = parent + [3]  # a wrong step after a right parent, then a finished right solution (its outcome)
+    fin = child + tok.encode("\n\nThe answer is \\boxed{2}.", add_special_tokens=False)
+    assert score([(0, child, child + [5], [good, "Losing half leaves 4 / 2 = 3."], False),
+                  (0, child, fin, [good, "The answer is \\boxed{2}."], True)]) == [(-0.5, 0.0), (1.0, 1.0)]
+
+
 def test_loo_step_baseline_by_hand():
     # one prompt, k = 3: sample 0 has steps (a, b), sample 1 (c), sample 2 (d, e, f)
     a = [[0.2, -0.4], [0.6], [0.1, 0.3, -0.2]]
@@ -248,10 +291,37 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
     assert len(v.score(["Ana has 3 coins. How many coins does Ana have now?"], [["3 + 0 = 3.", "x"]])[0]) == 2
     for d in ("outcome_seed0", "pav4_seed1", "pav1_seed0", "pav2_seed0"):
         assert (out / "rl" / d / "curve.json").exists(), d
+    cfg = json.loads((out / "rl" / "pav4_seed0" / "curve.json").read_text())["config"]  # reused only with this PAV
+    assert cfg["pav_sha256"] == pav.weights_sha256(out / "pav") and cfg["values"] == "learned"
     # a rerun reuses every stage: no sampling, same figures
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "PAV training" not in r2.stderr and "RL outcome" not in r2.stderr
     assert json.loads((out / "results.json").read_text())["rl/pav_final_acc"] == res["rl/pav_final_acc"]
+
+
+def test_rl_with_exact_values_runs_alone(tmp_path, tiny_toy_dir):
+    """--stages rl --values exact: no data, no PAV; outcome-only and the exact control, the ratio and interval."""
+    out = tmp_path / "exact"
+    cmd = [sys.executable, "pav.py", "--out_dir", str(out), "--toy_dir", str(tiny_toy_dir), "--stages", "rl",
+           "--values", "exact", "--max_new_tokens", "60", "--n_eval_problems", "6", "--rl_steps", "2", "--rl_prompts", "4",
+           "--rl_eval_every", "1", "--rl_eval_samples", "2", "--seeds", "0,1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert not (out / "data.jsonl").exists() and not (out / "pav").exists()
+    assert 0.0 <= res["rl_exact/final_acc"] <= 1.0 and "rl_exact/sample_efficiency_ratio" in res
+    d, lo, hi = res["rl_exact/exact_minus_outcome"]
+    assert lo - 1e-9 <= d <= hi + 1e-9 and len(res["rl"]["exact_final_seeds"]) == 2
+    assert "rl/pav_final_acc" not in res and "exact values" in (out / "results.md").read_text()
+    log = [json.loads(x) for x in (out / "rl" / "exact_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["train/a_mu_mean"] <= 0 for x in log if "train/loss" in x)  # the oracle prover's A is 0 or -1
+    # the checker is the toy's: a real model is refused before anything loads; PAV-RL without a PAV is one line
+    r = subprocess.run([sys.executable, "pav.py", "--model", str(tmp_path / "none"), "--values", "exact",
+                        "--out_dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--values exact needs the toy world's checker" in r.stderr
+    r = subprocess.run([sys.executable, "pav.py", "--out_dir", str(out), "--toy_dir", str(tiny_toy_dir), "--stages",
+                        "rl", "--values", "learned"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "data.jsonl" in r.stderr
 
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])

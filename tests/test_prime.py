@@ -56,6 +56,35 @@ def test_process_rloo_in_the_codes_form_by_hand():
     assert torch.allclose(ret[:, 0], torch.tensor([-0.2 + 0.1, 0.6 - 0.3]), atol=1e-6)
 
 
+def test_each_source_discounted_on_its_own_by_hand():
+    # k = 2, outcome [1, 0]: its leave-one-out +1 / -1 on the last token, gamma 1: [1, 1] and [-1, -1];
+    # process rows p0 = [0.2, 0.4], p1 = [0.6, 0.0] -> the code's RLOO [-0.2, 0.2], [0.6, -0.6] (as above)
+    mask, p, o = torch.ones(2, 2), torch.tensor([[0.2, 0.4], [0.6, 0.0]]), torch.tensor([1.0, 0.0])
+    _, ret = P.rloo_returns(o, p, mask, 2, gamma=1.0, process_gamma=0.0)  # process: each token its own reward
+    assert torch.allclose(ret, torch.tensor([[0.8, 1.2], [-0.4, -1.6]]), atol=1e-6)
+    _, ret = P.rloo_returns(o, p, mask, 2, gamma=1.0)  # process_gamma defaults to gamma: both summed to go
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.2], [-1.0, -1.6]]), atol=1e-6)
+    _, ret = P.rloo_returns(o, p, mask, 2, gamma=0.5, process_gamma=0.0)  # outcome [0.5, 1] / [-0.5, -1]
+    assert torch.allclose(ret, torch.tensor([[0.3, 1.2], [0.1, -1.6]]), atol=1e-6)
+
+
+def test_the_two_checker_controls_credit_by_hand():
+    # k = 2, four tokens = two steps of two; sample 0 is wrong at step 2 (tokens 2, 3), sample 1 right; outcome 0 / 1
+    mask, o = torch.ones(2, 4), torch.tensor([0.0, 1.0])
+    # exact (oracle_step, process gamma 0): -1 on tokens 2, 3; normalised by the largest |return-to-go| 2 ->
+    # -0.5 each; the code's RLOO: token means -0.25 / 0, baseline -0.25: [0.25, 0.25, -0.75, -0.75], [0.25] * 4;
+    # plus the outcome's -1 / +1 on every token: the wrong step alone carries the extra credit
+    q = torch.tensor([[0.0, 0.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    _, ret = P.rloo_returns(o, P.normalize_process_rewards(q, mask), mask, 2, process_gamma=0.0)
+    assert torch.allclose(ret, torch.tensor([[-0.75, -0.75, -1.75, -1.75], [1.25] * 4]), atol=1e-6)
+    # telescoping (oracle, process gamma 1): -1 on token 3 only; RLOO [0.25, 0.25, 0.25, -1.75], [0.25] * 4;
+    # summed to go, the first (right) step's tokens get -1.0 / -1.25 of process return, nearly the wrong step's
+    # -1.5 / -1.75
+    q = torch.tensor([[0.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    _, ret = P.rloo_returns(o, P.normalize_process_rewards(q, mask), mask, 2)
+    assert torch.allclose(ret, torch.tensor([[-2.0, -2.25, -2.5, -2.75], [2.0, 1.75, 1.5, 1.25]]), atol=1e-6)
+
+
 def test_return_to_go_normalisation_by_hand():
     q = torch.tensor([[1.0, -3.0, 1.0], [0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -127,6 +156,9 @@ def test_oracle_rewards_mark_the_first_wrong_step(tmp_path):
     r = P.oracle_rewards(problem, ids, tok)
     end = len(tok.encode("\n\n".join(wrong[:2]) + "\n\n", add_special_tokens=False))  # step 2 with its separator
     assert len(r) == len(ids) and sum(r) == -1.0 and r[end - 1] == -1.0
+    start = len(tok.encode("\n\n".join(wrong[:1]) + "\n\n", add_special_tokens=False))  # step 2's first token
+    r = P.oracle_rewards(problem, ids, tok, every_token=True)  # -1 on every token of step 2, its separator too
+    assert r == [0.0] * start + [-1.0] * (end - start) + [0.0] * (len(ids) - end)
 
 
 class _FakeGen:
@@ -249,17 +281,25 @@ def test_kill_9_mid_run_then_resume(tiny_toy_dir, tmp_path):
 
 def test_compare_writes_every_method(tiny_toy_dir, tmp_path):
     out = tmp_path / "cmp"
-    r = _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--compare", "--seeds", "0"] + TINY[2:]
-             + ["--steps", "2"])
+    r = _run(["--toy_dir", str(tiny_toy_dir), "--out_dir", str(out), "--compare", "--seeds", "0", "--compare_methods",
+              "rloo,prime,frozen_prm,exact,telescoping,prime_gamma0"] + TINY[2:] + ["--compare_steps", "2"])
     res = json.loads((out / "results.json").read_text())
-    for m in ("prime", "rloo", "frozen_prm", "oracle"):
+    for m in ("prime", "rloo", "frozen_prm", "exact", "telescoping", "prime_gamma0"):
         assert 0 <= res[f"{m}/final/greedy_acc"] <= 1 and 0 <= res[f"{m}/final/sample_acc"] <= 1
-        assert f"{m}/rollouts_to_rloo_final_reward" in res
-    oracle = _metrics(out / "oracle_seed0")  # the exact checker's rewards: no PRM work, a reward where a step is wrong
-    assert all("train/prm_loss" not in r and 0 <= r["train/oracle_wrong_frac"] <= 1 for r in oracle)
-    assert all((r["train/process_return_abs"] > 0) == (r["train/oracle_wrong_frac"] > 0) for r in oracle)
-    assert all("rollout/carried" in r for r in oracle)
+        assert f"{m}/rollouts_to_rloo_final_reward" in res and f"{m}/share_of_exact_final" in res
+        assert res[f"{m}/final_sample_acc_minus_rloo"] == pytest.approx(res[f"{m}/final/sample_acc"] - res["rloo/final/sample_acc"])
+        assert len(_metrics(out / f"{m}_seed0")) == 2  # --compare_steps
+    for m in ("exact", "telescoping"):  # the checker's rewards: no PRM work, a reward where a step is wrong
+        log = _metrics(out / f"{m}_seed0")
+        assert all("train/prm_loss" not in r and 0 <= r["train/oracle_wrong_frac"] <= 1 for r in log)
+        assert all((r["train/process_return_abs"] > 0) == (r["train/oracle_wrong_frac"] > 0) for r in log)
+        assert all("rollout/carried" in r for r in log)
+    cfg = {m: json.loads((out / f"{m}_seed0" / "config.json").read_text()) for m in ("exact", "telescoping", "prime_gamma0")}
+    assert (cfg["exact"]["process_rewards"], cfg["exact"]["process_gamma"]) == ("oracle_step", 0.0)
+    assert (cfg["telescoping"]["process_rewards"], cfg["telescoping"]["process_gamma"]) == ("oracle", 1.0)
+    assert (cfg["prime_gamma0"]["process_rewards"], cfg["prime_gamma0"]["process_gamma"]) == ("implicit", 0.0)
     assert "sft/greedy_acc" in res and res["prime_cost_per_step_vs_rloo"] > 0 and "| prime |" in r.stdout
+    assert "share of the exact control's gain" in r.stdout
     assert "first wrong step" in r.stdout and "rloo/final/greedy_first_errors" in res
     rloo, frozen = _metrics(out / "rloo_seed0"), _metrics(out / "frozen_prm_seed0")
     assert all(r["train/process_return_abs"] == 0 for r in rloo)  # outcome-only: no process reward
