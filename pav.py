@@ -146,8 +146,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of data, training and search"})
 
 
-# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 31 minutes in all). alpha_rl 1: at 3 the learned
-# PAV's errors outweigh the outcome and its RL collapses on the toy (docs/results/pav.md, levers on RL).
+# Toy scale (the 0.28M-parameter toy policy, 2 CPU cores, about 23 minutes in all). alpha_rl 1: at 3 the learned
+# PAV's errors outweigh the outcome and its RL collapses on the toy (docs/results/pav.md, levers on RL). RL with
+# mc values at m = 16 (an estimate, not m = K = 4's indicator) is left to --rl_values: about 7 min a run.
 TOY = dict(alpha_rl=1.0, n_problems=800, n_cov=1, mc_rollouts=16, max_new_tokens=160, backend="hf", epochs=6, lr=1e-3, batch_tokens=4096, orm_rows=8000,
            max_depth=6, n_eval_problems=100, rl_steps=30, rl_prompts=16, rl_lr=3e-4, rl_eval_every=3, max_len=1024,
            value_rollouts=8, rl_value_rollouts=16, search_ns="4,8,16", mc_search_ns="4,8", sweep_states=200, sweep_rl=False,
@@ -656,7 +657,8 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     every prefix, sampled by gen_base; "exact": the toy checker's exact_values), else the outcome advantage
     alone; one AdamW step on the sequence-sum loss (+ kl * KL to the base policy). Test per-sample accuracy every rl_eval_every steps. Under torchrun
     each rank takes every world-th prompt of a step (DDP or FSDP2). Writes out/metrics.jsonl and
-    out/curve.json (a finished run with the same settings, and for "learned" the same PAV weights, is read back)."""
+    out/curve.json (a finished run with the same settings and base policy, and for "learned" the same PAV
+    weights, is read back)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kind = "outcome" if values is None else values if isinstance(values, str) else "learned"
     cfg = {x: getattr(args, x) for x in ("rl_steps", "rl_prompts", "rl_k", "rl_lr", "rl_eval_every", "rl_eval_samples",
@@ -665,6 +667,7 @@ def rl_run(init: str, train: list[dict], test: list[dict], args: Args, seed: int
     m_rl = args.rl_value_rollouts or args.value_rollouts
     cfg |= {"values": kind, "value_rollouts": m_rl} if kind == "mc" else {"values": kind} if kind == "exact" else {}
     cfg |= {"values": kind, "pav_sha256": pav_sha} if kind == "learned" else {}  # reuse: the same PAV only
+    cfg["init_sha256"] = weights_sha256(Path(init))  # ... and the same base policy
     if (out / "curve.json").exists() and json.loads((out / "curve.json").read_text()).get("config") == cfg:
         return json.loads((out / "curve.json").read_text())  # a finished run with these settings
     if args.rl_prompts % dist.world:
@@ -780,7 +783,7 @@ def share_of_gain(curve: list, exact: list, outcome: list) -> tuple[float | None
 
 
 def weights_sha256(d: Path) -> str:
-    """sha256 of a saved verifier's weight files (a finished RL run is reused only with the PAV it ran with)."""
+    """sha256 of a model dir's weight files (a finished RL run is reused only with the policy and PAV it ran with)."""
     h = hashlib.sha256()
     for f in sorted(Path(d).glob("*.safetensors")):
         h.update(f.read_bytes())

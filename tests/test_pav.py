@@ -293,6 +293,7 @@ def test_pav_end_to_end_tiny(tmp_path, tiny_toy_dir):
         assert (out / "rl" / d / "curve.json").exists(), d
     cfg = json.loads((out / "rl" / "pav4_seed0" / "curve.json").read_text())["config"]  # reused only with this PAV
     assert cfg["pav_sha256"] == pav.weights_sha256(out / "pav") and cfg["values"] == "learned"
+    assert cfg["init_sha256"] == pav.weights_sha256(tiny_toy_dir / "policy")
     # a rerun reuses every stage: no sampling, same figures
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "PAV training" not in r2.stderr and "RL outcome" not in r2.stderr
